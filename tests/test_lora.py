@@ -1,0 +1,97 @@
+"""tuner's LoRA layers compute what peft computes, save in peft's format, and leave the base untouched when
+removed; several adapters on one batch each see only their own rows."""
+
+from __future__ import annotations
+
+import torch
+
+from tuner import lora
+
+
+def _batch(tok, texts):
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True)
+    tok.padding_side = "right"
+    pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=pos)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _randomize_b(adapter, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in adapter.weights.values():
+            w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g) * 0.02)
+
+
+def test_saved_adapter_loads_in_peft_with_identical_logits(smol, base16, tmp_path):
+    from peft import PeftModel
+
+    from tuner.models import load_base
+
+    model, tok = base16.model, base16.tokenizer
+    batch = _batch(tok, ["How much does this cost?\n\nA chair.\n\nPrice is $", "Price is $"])
+    plain = _logits(model, batch)
+    adapter = lora.attach(model, "a", r=8, alpha=32, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
+                          seed=1)
+    _randomize_b(adapter, 0)
+    lora.router_of(model).segments = [("a", 0, 2)]
+    ours = _logits(model, batch)
+    lora.save_adapter(adapter, tmp_path / "adapter", smol.name)
+    lora.router_of(model).segments = []
+    lora.detach(model, adapter)
+
+    other = load_base(smol, 16, "cpu", cpu_bf16=False)
+    peft_model = PeftModel.from_pretrained(other.model, tmp_path / "adapter").eval()
+    theirs = _logits(peft_model, batch)
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    assert (ours - plain).abs().max() > 1e-3  # the adapter did something, so the match means something
+    cfg, tensors = lora.load_adapter_state(tmp_path / "adapter")
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 32 and sorted(cfg["target_modules"]) == ["down_proj", "q_proj",
+                                                                                          "v_proj"]
+    assert len(tensors) == 2 * 30 * 3
+
+
+def test_detach_restores_the_base_exactly(base16):
+    model, tok = base16.model, base16.tokenizer
+    batch = _batch(tok, ["Price is $", "How much does this cost?"])
+    before = _logits(model, batch)
+    modules_before = {n: type(m).__name__ for n, m in model.named_modules()}
+    adapter = lora.attach(model, "x", r=16, alpha=16, dropout=0.0, target_modules=["q_proj", "o_proj"], seed=3)
+    _randomize_b(adapter, 1)
+    lora.router_of(model).segments = [("x", 0, 2)]
+    assert not torch.equal(_logits(model, batch), before)
+    lora.router_of(model).segments = []
+    lora.detach(model, adapter)
+    assert torch.equal(_logits(model, batch), before)
+    assert {n: type(m).__name__ for n, m in model.named_modules()} == modules_before
+    assert lora.adapters_attached(model) == set()
+
+
+def test_each_adapter_sees_only_its_own_rows(base16):
+    model, tok = base16.model, base16.tokenizer
+    texts = ["Price is $", "How much does this cost?", "A lamp.", "Price"]
+    batch = _batch(tok, texts)
+    a = lora.attach(model, "a", r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=1)
+    b = lora.attach(model, "b", r=16, alpha=8, dropout=0.0, target_modules=["v_proj", "gate_proj"], seed=2)
+    _randomize_b(a, 5)
+    _randomize_b(b, 6)
+    router = lora.router_of(model)
+    try:
+        router.segments = [("a", 0, 2), ("b", 2, 4)]
+        mixed = _logits(model, batch)
+        router.segments = [("a", 0, 4)]
+        only_a = _logits(model, batch)
+        router.segments = [("b", 0, 4)]
+        only_b = _logits(model, batch)
+    finally:
+        router.segments = []
+        lora.detach(model, a)
+        lora.detach(model, b)
+    assert torch.allclose(mixed[:2], only_a[:2], atol=1e-5)
+    assert torch.allclose(mixed[2:], only_b[2:], atol=1e-5)
+    assert not torch.allclose(only_a[2:], only_b[2:], atol=1e-3)

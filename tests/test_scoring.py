@@ -1,0 +1,135 @@
+"""Scoring: the original evaluator's metrics, the batched constrained scorer against plain one-row `generate`,
+unparseable generations, and the expected-value read-out on a tokenizer with multi-digit number tokens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tuner.scoring import (PriceScorer, color_of, constant_baseline, max_integer_digits, one_row_generate,
+                           parse_price, price_metrics)
+
+
+def test_metrics_match_the_original_evaluator_by_hand():
+    truths = [100.0, 1000.0, 50.0, 2000.0]
+    preds = [130.0, 1500.0, None, 2300.0]  # hit (<$40), miss (50%), unparseable -> 0, hit (15%)
+    m = price_metrics(preds, truths)
+    errs = [30, 500, 50, 300]
+    assert m["mae"] == pytest.approx(sum(errs) / 4)
+    sle = [(math.log(t + 1) - math.log(p + 1)) ** 2 for p, t in zip([130, 1500, 0, 2300], truths)]
+    assert m["rmsle"] == pytest.approx(math.sqrt(sum(sle) / 4))
+    assert m["hit_rate"] == 0.5 and m["parse_fail_rate"] == 0.25 and m["n"] == 4
+    assert [color_of(p, t) for p, t in [(130, 100), (1300, 1000), (1500, 1000)]] == ["green", "orange", "red"]
+    assert constant_baseline(100.0, truths)["mae"] == pytest.approx((0 + 900 + 50 + 1900) / 4)
+
+
+def test_parse_is_the_originals_but_a_miss_is_none():
+    assert parse_price("1,234.00 dollars") == 1234.0
+    assert parse_price("about 12") == 12.0
+    assert parse_price("") is None and parse_price("no idea") is None
+    assert max_integer_digits(18823) == 6
+
+
+@pytest.fixture(scope="module")
+def prompts(diamonds):
+    return [e.prompt for e in diamonds.test[:20]]
+
+
+def test_batched_scorer_equals_one_row_generate_on_unquantized_model(base16, prompts):
+    model, tok = base16.model, base16.tokenizer
+    scorer = PriceScorer(tok, max_price=18823, batch_size=8)
+    run = scorer.predict(model, prompts)
+    budget = scorer.max_int_digits + 3
+    for pred, prompt in zip(run.predictions, prompts):
+        assert pred.value == parse_price(one_row_generate(model, tok, prompt, budget)), prompt
+    # Same rows, other batch size and no shared prefix: same predictions (fp32, unquantized).
+    again = PriceScorer(tok, max_price=18823, batch_size=3, share_prefix=False).predict(model, prompts)
+    assert [p.value for p in again.predictions] == [p.value for p in run.predictions]
+    assert run.rows_per_s > 0 and run.new_tokens > 0
+
+
+def test_scorer_equals_generate_with_a_trained_adapter(base16, diamonds, prompts):
+    """After a short fine-tune the model writes real prices ('4733.00'): still identical to plain generate."""
+    from pathlib import Path
+
+    from tuner import lora
+    from tuner.space import TrialParams
+    from tuner.train import TrialRun, encode, train_one
+
+    rows, _ = encode(base16.tokenizer, diamonds.train[:48], 182)
+    params = TrialParams(r=8, alpha=16, dropout=0.0, target_set="attention", target_modules=("q_proj", "v_proj"),
+                         quant_bits=16, learning_rate=3e-3, epochs=1, batch_size=8, grad_accum=1, max_length=182,
+                         optimizer="adamw_torch", scheduler="constant", warmup_ratio=0.0, weight_decay=0.0,
+                         max_grad_norm=1.0, seed=0)
+    checked = {}
+
+    def compare(run):
+        scorer = PriceScorer(base16.tokenizer, max_price=18823, batch_size=8)
+        preds = scorer.predict(base16.model, prompts[:10], adapter=run.name).predictions
+        router = lora.router_of(base16.model)
+        for pred, prompt in zip(preds, prompts[:10]):
+            router.segments = [(run.name, 0, 1)]
+            ref = one_row_generate(base16.model, base16.tokenizer, prompt, scorer.max_int_digits + 3)
+            router.segments = []
+            assert pred.value == parse_price(ref), (pred, ref)
+        checked["values"] = [p.value for p in preds]
+
+    run = TrialRun("t", params, rows, Path("/nonexistent/unused"))
+    train_one(base16, run, on_done=compare)
+    assert run.status == "completed"
+    assert all(v is not None and v >= 100 for v in checked["values"]), checked  # dollars, not '1.20'
+
+
+def test_no_number_is_a_parse_failure_not_a_crash(smol, prompts):
+    """A real model whose final norm is zeroed gives flat logits; the first allowed token by id is the end token,
+    so nothing is decoded: recorded as unparseable, scored as 0."""
+    from tuner.models import load_base
+
+    base = load_base(smol, 16, "cpu", cpu_bf16=False)
+    with torch.no_grad():
+        base.model.model.norm.weight.zero_()
+    run = PriceScorer(base.tokenizer, max_price=18823, batch_size=4).predict(base.model, prompts[:5])
+    assert all(p.value is None and p.text == "" for p in run.predictions)
+    m = price_metrics([p.value for p in run.predictions], [100.0] * 5)
+    assert m["parse_fail_rate"] == 1.0 and m["mae"] == 100.0
+
+
+def _multi_digit_tokenizer():
+    """Whole numbers up to 999 are single tokens, as in Llama 3's tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>", "How", "much", "does", "this", "cost", "?", "Price", "is", "$", "a",
+             "lamp", "chair", "table", "."] + [str(i) for i in range(1000)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def test_expected_value_readout_with_multi_digit_tokens():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _multi_digit_tokenizer()
+    assert len(tok("Price is $ 512")["input_ids"]) == 4  # '512' is one token
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+    model = LlamaForCausalLM(cfg).eval()
+    prompts = ["How much does this cost ? a lamp . Price is $", "How much does this cost ? table . Price is $",
+               "How much ? chair . Price is $"]
+    scorer = PriceScorer(tok, max_price=999, method="expected_value", top_k=50, batch_size=2)
+    preds = scorer.predict(model, prompts).predictions
+    for prompt, pred in zip(prompts, preds):
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            probs = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+        p, i = probs.topk(50)
+        num = den = 0.0
+        for pp, ii in zip(p.tolist(), i.tolist()):
+            s = tok.decode([ii]).strip()
+            if s.isdigit():
+                num, den = num + pp * int(s), den + pp
+        assert den > 0 and pred.value == pytest.approx(num / den, rel=1e-4)

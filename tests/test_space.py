@@ -1,0 +1,53 @@
+"""The search space: r doubles from 8 and is sampled as its exponent, alpha follows r, fixed settings are not
+suggested, and a changed sweep is recognised."""
+
+from __future__ import annotations
+
+import optuna
+
+from tuner.config import parse_config
+from tuner.space import sample, signature_diff, space_signature
+
+
+def _study():
+    return optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+
+def test_rank_is_a_power_of_two_sampled_by_exponent():
+    cfg = parse_config({"search": {"r": {"min": 8, "max": 64}}})
+    study = _study()
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        p = sample(trial, cfg)
+        assert p.r in {8, 16, 32, 64} and p.alpha == 2 * p.r
+        assert trial.params["r_exp"] in {3, 4, 5, 6}
+        assert isinstance(trial.distributions["r_exp"], optuna.distributions.IntDistribution)
+        seen.add(p.r)
+        study.tell(trial, 1.0)
+    assert seen == {8, 16, 32, 64}
+
+
+def test_alpha_ratio_sampled_and_fixed_settings_not_suggested():
+    cfg = parse_config({"search": {"r": 16, "alpha": {"ratio": {"choices": [1, 4]}}, "dropout": 0.05},
+                        "train": {"batch_size": {"choices": [4, 8]}}})
+    trial = _study().ask()
+    p = sample(trial, cfg, available_modules={"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"})
+    assert p.alpha in (16.0, 64.0) and p.r == 16 and p.dropout == 0.05
+    assert set(trial.params) == {"alpha_ratio", "batch_size"}
+    assert p.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert p.effective_batch == p.batch_size
+
+
+def test_target_sets_narrow_to_what_the_model_has():
+    cfg = parse_config({"search": {"target_modules": "attention+mlp"}})
+    p = sample(_study().ask(), cfg, available_modules={"q_proj", "v_proj", "down_proj"})
+    assert p.target_modules == ("q_proj", "v_proj", "down_proj")
+
+
+def test_signature_diff_names_what_changed():
+    a = space_signature(parse_config({"search": {"r": {"min": 8, "max": 64}}}))
+    b = space_signature(parse_config({"search": {"r": {"min": 8, "max": 32}}, "train": {"epochs": 2}}))
+    diff = signature_diff(a, b)
+    assert "r: [8, 64] -> [8, 32]" in diff and "train.epochs: \"1\" -> \"2\"" in diff
+    assert signature_diff(a, a) == []

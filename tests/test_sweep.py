@@ -1,0 +1,100 @@
+"""A real sweep, end to end, through the command line: SQLite and PostgreSQL storage, W&B offline files, the
+status and best commands, resuming a study and refusing a changed one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+
+from conftest import REPO, tiny_sweep, tuner_cmd
+from wandb_files import summary as wandb_summary
+
+
+def cli(args, cwd: Path, timeout=900, env=None):
+    res = subprocess.run(tuner_cmd() + args, capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    return res
+
+
+def test_sweep_on_sqlite_end_to_end(tmp_path):
+    sweep = tiny_sweep(tmp_path, name="e2e", trials=2, quant="{choices: [4, 8]}")
+    url = f"sqlite:///{tmp_path}/studies.db"
+    res = cli(["run", str(sweep), "--storage", url], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "leaderboard: e2e" in res.stdout and "baseline: train median" in res.stdout
+
+    study = optuna.load_study(study_name="e2e", storage=url)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 2
+    for t in trials:
+        a = t.user_attrs
+        assert a["r"] in (8, 16) and a["alpha"] == 2 * a["r"]
+        assert a["target_set"] in ("attention", "attention+mlp") and a["target_modules_resolved"]
+        assert t.params["quant_bits"] in (4, 8) and a["quantization"]["bits"] == t.params["quant_bits"]
+        assert 1e-3 <= t.params["learning_rate"] <= 3e-3 and 0 <= t.params["dropout"] <= 0.1
+        assert t.value == a["mae"] and a["rmsle"] > 0 and 0 <= a["hit_rate"] <= 1 and a["n"] == 16
+        assert a["trainable_params"] > 0 and a["steps"] == 4 and a["parse_fail_rate"] <= 1
+        adapter = Path(a["adapter_path"])
+        assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+        # The W&B offline run holds what was logged, not just a folder.
+        run_files = list(Path(a["wandb_dir"]).glob("run-*.wandb"))
+        assert len(run_files) == 1 and a["wandb_run_id"] in run_files[0].name
+        w = wandb_summary(run_files[0])
+        assert w["run"]["group"] == "e2e" and w["run"]["name"] == f"e2e/trial-{t.number}"
+        assert [h["train/loss"] for h in w["history"] if "train/loss" in h][-1] == pytest.approx(a["loss_last"])
+        assert len([h for h in w["history"] if "train/loss" in h]) == 4
+        assert w["summary"]["test/mae"] == pytest.approx(a["mae"])
+        assert w["config"]["learning_rate"] == pytest.approx(t.params["learning_rate"])
+    base = study.user_attrs["baselines"]
+    assert set(base) >= {"median", "base_model_4bit"} or set(base) >= {"median", "base_model_8bit"}
+    assert base["median"]["n"] == 16
+
+    status = cli(["status", "e2e", "--storage", url], tmp_path)
+    assert status.returncode == 0
+    out = status.stdout
+    for t in trials:
+        assert f"${t.user_attrs['mae']:,.0f}" in out
+    assert "COMPLETE *" in out and "baseline: train median" in out and "baseline: base model" in out
+    assert "attention" in out
+
+    best = cli(["best", "e2e", "--storage", url], tmp_path)
+    assert best.returncode == 0 and f"best trial {study.best_trial.number}" in best.stdout
+    assert "adapter_path" in best.stdout and "param learning_rate" in best.stdout
+
+    # Running again continues the same study up to the new global budget.
+    more = cli(["run", str(sweep), "--storage", url, "--trials", "3"], tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert len(optuna.load_study(study_name="e2e", storage=url).trials) == 3
+
+    # A different search space under the same name is refused, naming the difference; --force runs it.
+    changed = tiny_sweep(tmp_path, name="e2e", trials=3, quant="16")
+    res = cli(["run", str(changed), "--storage", url], tmp_path)
+    assert res.returncode == 2 and "quant_bits" in res.stderr and "--force" in res.stderr
+    assert 'quant_bits: "{choices: [4, 8]}" -> "16"' in res.stderr
+
+
+def test_sweep_on_postgresql(tmp_path, pg_url):
+    sweep = tiny_sweep(tmp_path, name="pg", trials=1, wandb="disabled")
+    res = cli(["run", str(sweep), "--storage", pg_url], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    study = optuna.load_study(study_name="pg", storage=pg_url)
+    [t] = study.trials
+    assert t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["wandb_mode"] == "disabled"
+    assert "wandb_run_id" not in t.user_attrs or t.user_attrs["wandb_run_id"] is None
+    status = cli(["status", "--storage", pg_url], tmp_path)
+    assert status.returncode == 0 and "COMPLETE *" in status.stdout
+
+
+def test_default_sweep_is_sized_for_two_cpu_cores():
+    """The README's run command must finish in about 15 minutes here: at about 2.5 s per step of 8 rows, the
+    default's steps and trials must stay within that."""
+    from tuner.config import load_config
+
+    cfg = load_config(REPO / "sweeps" / "default.yaml")
+    steps = cfg.data.train_rows // cfg.train.batch_size.value
+    assert steps * cfg.study.trials * 2.5 < 12 * 60
+    assert cfg.study.trials >= 3

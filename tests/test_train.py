@@ -1,0 +1,205 @@
+"""The training loop: completion-only labels, real 4-bit training whose gradients survive evaluation passes,
+detection of dead and exploding trials, exact resume, and the same loss curve as trl's SFTTrainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuner import lora
+from tuner.models import cpu_has_bf16, load_base
+from tuner.scoring import PriceScorer
+from tuner.space import TrialParams
+from tuner.train import TrialRun, _collate, encode, step_schedule, train_group, train_one
+
+
+def params(**kw) -> TrialParams:
+    base = dict(r=8, alpha=16, dropout=0.05, target_set="attention",
+                target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), quant_bits=4, learning_rate=2e-3,
+                epochs=1, batch_size=4, grad_accum=1, max_length=182, optimizer="adamw_torch", scheduler="cosine",
+                warmup_ratio=0.0, weight_decay=0.001, max_grad_norm=0.3, seed=7)
+    base.update(kw)
+    return TrialParams(**base)
+
+
+class Recorder:
+    def __init__(self, evaluate=None):
+        self.steps, self.evals = [], []
+        self._evaluate = evaluate
+
+    def on_step(self, run, record):
+        self.steps.append(record)
+
+    def on_evaluate(self, run, step):
+        self.evals.append(step)
+        if self._evaluate:
+            self._evaluate(run)
+        return False
+
+    def on_checkpoint(self, run, step, path):
+        pass
+
+
+def test_labels_cover_the_price_and_nothing_of_the_prompt(tokenizer, diamonds):
+    rows, too_long = encode(tokenizer, diamonds.train[:3], 182)
+    assert too_long == 0
+    run = TrialRun("x", params(), rows, Path("/unused"))
+    ids, mask, pos, labels, segments, comp = _collate([(run, rows)], tokenizer.pad_token_id, "cpu")
+    for i, (row, ex) in enumerate(zip(rows, diamonds.train[:3])):
+        kept = labels[i][labels[i] != -100].tolist()
+        assert tokenizer.decode(kept) == ex.completion + tokenizer.eos_token  # '4733.00<|im_end|>'
+        assert tokenizer.decode(list(row.input_ids[: row.n_prompt])) == ex.prompt
+        # The labels are aligned with the last `comp` positions; everything before (the prompt) is -100.
+        n = int(mask[i].sum())
+        prompt_part = ids[i, ids.shape[1] - n: ids.shape[1] - row.n_completion]
+        assert tokenizer.decode(prompt_part.tolist()) == ex.prompt
+    assert segments == [("x", 0, 3, max(len(r.input_ids) for r in rows))]
+    assert pos[0, -1] == int(mask[0].sum()) - 1  # left padding with explicit positions: as if unpadded
+
+
+def test_rows_longer_than_max_length_are_dropped_and_counted(tokenizer, diamonds):
+    rows, too_long = encode(tokenizer, diamonds.train[:10], 40)
+    assert rows == [] and too_long == 10
+
+
+def test_schedule_is_seeded_and_capped():
+    p = params(batch_size=3, grad_accum=2, epochs=2, seed=1)
+    s = step_schedule(20, p)
+    assert len(s) == 8 and [len(x) for x in s[:4]] == [6, 6, 6, 2]
+    assert sorted(i for x in s[:4] for i in x) == list(range(20))
+    assert s == step_schedule(20, p) and s != step_schedule(20, params(batch_size=3, grad_accum=2, epochs=2, seed=2))
+    assert len(step_schedule(20, params(max_steps=3))) == 3
+
+
+def test_4bit_training_learns_and_gradients_survive_evaluation(base4, diamonds):
+    """Real QLoRA on the CPU: loss falls, and the gradient check after each no-grad scoring pass stays green
+    (bitsandbytes' AVX512-BF16 repacking is turned off on every Linear4bit)."""
+    rows, _ = encode(base4.tokenizer, diamonds.train[:40], 182)
+    scorer = PriceScorer(base4.tokenizer, max_price=18823, batch_size=8)
+    rec = Recorder(evaluate=lambda run: scorer.predict(base4.model, [e.prompt for e in diamonds.val[:4]],
+                                                        adapter=run.name))
+    run = TrialRun("t4", params(), rows, Path("/unused"), hooks=rec, eval_every=3)
+    train_one(base4, run)
+    assert run.status == "completed", run.error
+    assert rec.evals == [3, 6, 9] and len(rec.steps) == 10
+    assert rec.steps[-1]["loss"] < rec.steps[0]["loss"] * 0.7
+    assert all(torch.isfinite(torch.tensor(r["grad_norm"])) and r["grad_norm"] > 0 for r in rec.steps)
+    assert lora.adapters_attached(base4.model) == set()
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="the repacking trap needs a CPU with AVX512-BF16")
+def test_the_avx512_repacking_trap_is_caught_as_zero_gradient(smol, diamonds):
+    """With bitsandbytes' default (repacking on), the first no-grad forward repacks the 4-bit weights and the
+    gradients through them are cut: the run must fail with reason zero_grad, not train a dead adapter."""
+    import bitsandbytes as bnb
+
+    base = load_base(smol, 4, "cpu")
+    for m in base.model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = True  # undo tuner's protection
+    rows, _ = encode(base.tokenizer, diamonds.train[:24], 182)
+    scorer = PriceScorer(base.tokenizer, max_price=18823, batch_size=8)
+    rec = Recorder(evaluate=lambda run: scorer.predict(base.model, [e.prompt for e in diamonds.val[:2]],
+                                                        adapter=run.name))
+    run = TrialRun("trap", params(), rows, Path("/unused"), hooks=rec, eval_every=2)
+    train_one(base, run)
+    assert run.status == "failed"
+    assert run.error.reason == "zero_grad" and "after an evaluation pass" in run.error.detail
+
+
+def test_nan_loss_fails_the_trial_with_its_reason(base16, diamonds):
+    rows, _ = encode(base16.tokenizer, diamonds.train[:16], 182)
+    head = base16.model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    try:
+        run = TrialRun("nan", params(quant_bits=16), rows, Path("/unused"))
+        train_one(base16, run)
+    finally:
+        hook.remove()
+    assert run.status == "failed" and run.error.reason == "nan_loss" and run.step == 0
+
+
+def test_interrupt_then_resume_is_exact(base16, diamonds, tmp_path):
+    """Stopped after 3 steps (checkpoint written), resumed in a new run object: the same losses and final
+    weights as 6 uninterrupted steps, dropout included (its masks are seeded, not drawn from global state)."""
+    rows, _ = encode(base16.tokenizer, diamonds.train[:24], 182)
+    p = params(quant_bits=16, dropout=0.1, batch_size=4)
+
+    straight_rec = Recorder()
+    straight = TrialRun("s", p, rows, tmp_path / "straight", hooks=straight_rec)
+    final = {}
+    train_one(base16, straight, on_done=lambda r: final.__setitem__("s", r.adapter.state_dict()))
+
+    rec1, rec2 = Recorder(), Recorder()
+    first = TrialRun("r", p, rows, tmp_path / "resumed", hooks=rec1)
+    train_one(base16, first, stop=lambda: first.step >= 3)
+    assert first.status == "interrupted" and first.error.checkpoint_step == 3
+    assert (tmp_path / "resumed" / "checkpoints" / "step-000003" / "adapter").is_dir()
+    second = TrialRun("r", p, rows, tmp_path / "resumed", hooks=rec2)
+    train_one(base16, second, on_done=lambda r: final.__setitem__("r", r.adapter.state_dict()))
+    assert second.status == "completed" and second.resumed_from_step == 3
+    losses = [r["loss"] for r in rec1.steps + rec2.steps]
+    assert losses == pytest.approx([r["loss"] for r in straight_rec.steps], rel=1e-5)
+    for k, v in final["s"].items():
+        assert torch.allclose(v, final["r"][k], atol=1e-6), k
+
+
+def test_corrupt_checkpoint_is_skipped_for_the_previous_one(base16, diamonds, tmp_path):
+    rows, _ = encode(base16.tokenizer, diamonds.train[:24], 182)
+    p = params(quant_bits=16, dropout=0.0)
+    run = TrialRun("c", p, rows, tmp_path, checkpoint_every=2)
+    train_one(base16, run, stop=lambda: run.step >= 5)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["step-000004", "step-000005"]
+    (tmp_path / "checkpoints" / "step-000005" / "train_state.pt").write_bytes(b"garbage")
+    again = TrialRun("c", p, rows, tmp_path)
+    train_one(base16, again)
+    assert again.resumed_from_step == 4 and again.status == "completed"
+    assert "step-000005" in again.skipped_checkpoints[0]
+
+
+def test_same_loss_curve_as_trl_sfttrainer(smol, diamonds, tmp_path):
+    """The recipe's SFTTrainer (trl + peft) and tuner's loop, fp32 on the CPU, same rows in the same order, same
+    initial LoRA weights, dropout 0: the per-step training losses agree."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    p = params(quant_bits=16, dropout=0.0, batch_size=4, learning_rate=1e-3, warmup_ratio=0.25,
+               target_modules=("q_proj", "v_proj"), scheduler="cosine", max_grad_norm=0.3, weight_decay=0.01)
+    ours_base = load_base(smol, 16, "cpu", cpu_bf16=False)
+    rows, _ = encode(ours_base.tokenizer, diamonds.train[:24], 182)
+    order = [i for step in step_schedule(len(rows), p) for i in step]
+    ds = Dataset.from_list([{"prompt": diamonds.train[i].prompt, "completion": diamonds.train[i].completion}
+                            for i in order])
+
+    ref_base = load_base(smol, 16, "cpu", cpu_bf16=False)
+    cfg = SFTConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                    num_train_epochs=1, learning_rate=p.learning_rate, lr_scheduler_type="cosine", warmup_steps=2,
+                    weight_decay=p.weight_decay, max_grad_norm=p.max_grad_norm, optim="adamw_torch",
+                    logging_steps=1, save_strategy="no", report_to="none", bf16=False, gradient_checkpointing=False,
+                    use_cpu=True, max_length=182, seed=0, train_sampling_strategy="sequential",
+                    dataloader_drop_last=False)
+    trainer = SFTTrainer(model=ref_base.model, train_dataset=ds, processing_class=ref_base.tokenizer, args=cfg,
+                         peft_config=LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=0.0,
+                                                target_modules=list(p.target_modules), task_type="CAUSAL_LM"))
+    init = {k.removeprefix("base_model.model.").replace(".default", ""): v.detach().clone()
+            for k, v in trainer.model.named_parameters() if "lora_" in k}
+
+    rec = Recorder()
+
+    class Seeded(TrialRun):
+        def start(self, model, device):  # the reference's initial LoRA weights, then the normal start
+            super().start(model, device)
+            self.adapter.load_state_dict(init)
+
+    run = Seeded("eq", p, rows, tmp_path / "ours", hooks=rec)
+    train_one(ours_base, run)
+    trainer.train()
+    theirs = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    ours = [r["loss"] for r in rec.steps]
+    assert len(ours) == len(theirs) == 6
+    assert ours == pytest.approx(theirs, rel=2e-3), (ours, theirs)
+    assert ours[-1] < ours[0]
