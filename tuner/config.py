@@ -368,6 +368,8 @@ class StudySpec(_Strict):
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
     output_dir: str = "runs"
+    # Optuna artifact store (a folder). None: `artifacts/` next to the SQLite file, or ./artifacts for a server.
+    artifacts: str | None = None
     # A worker that dies stops sending heartbeats; after `grace_period` seconds its trial is failed and retried.
     heartbeat_interval: int = Field(default=30, ge=1)
     grace_period: int = Field(default=120, ge=2)
@@ -407,12 +409,34 @@ class SweepConfig(_Strict):
     source_file: str = "<memory>"
 
 
+def _largest(d: Dim) -> Any:
+    return max(d.values())
+
+
+def _smallest(d: Dim) -> Any:
+    return min(d.values())
+
+
+def min_total_steps(cfg: SweepConfig) -> int:
+    """Optimizer steps of the shortest trial the space allows: largest batch and accumulation, fewest epochs."""
+    t = cfg.train
+    per_epoch = math.ceil(cfg.data.train_rows / (_largest(t.batch_size) * _largest(t.grad_accum)))
+    steps = per_epoch * _smallest(t.epochs)
+    return min(steps, t.max_steps) if t.max_steps else steps
+
+
 def _cross_checks(cfg: SweepConfig) -> list[ConfigError]:
     """Checks that involve several sections; each names the key to change."""
     file, out = cfg.source_file, []
     if cfg.train.eval_every is None and cfg.study.pruner.type != "none":
         out.append(ConfigError(file, "train.eval_every", f"a number of steps, since study.pruner.type is "
                                                          f"{cfg.study.pruner.type!r} (pruning needs intermediate values)"))
+    if cfg.train.eval_every is not None:
+        shortest = min_total_steps(cfg)
+        if cfg.train.eval_every >= shortest:
+            out.append(ConfigError(file, "train.eval_every", f"fewer steps than the shortest run this sweep can "
+                                   f"make ({shortest} optimizer steps), or it never evaluates", cfg.train.eval_every,
+                                   has_got=True))
     if cfg.train.eval_every is not None and cfg.train.eval_rows > cfg.data.val_rows:
         out.append(ConfigError(file, "train.eval_rows", f"at most data.val_rows ({cfg.data.val_rows})",
                                cfg.train.eval_rows, has_got=True))

@@ -377,6 +377,12 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
 
 
+def _injected_nan(run: TrialRun, loss: float | None) -> float | None:
+    """Test hook: TUNER_INJECT_NAN_AT_STEP=N makes the loss of step N not finite, as a diverging run's would be."""
+    at = os.environ.get("TUNER_INJECT_NAN_AT_STEP")
+    return float("nan") if at and run.step + 1 == int(at) else loss
+
+
 def _injected_oom(run: TrialRun) -> None:
     """Test hook: TUNER_INJECT_OOM_AT_STEP=N raises the framework's own OOM error when a run that has not yet
     halved its micro-batch reaches step N."""
@@ -453,7 +459,8 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
             elapsed = time.perf_counter() - t0
             for (run, es), loss in zip(parts, losses):
                 run.train_seconds += elapsed / len(parts)
-                if loss is None:
+                loss = _injected_nan(run, loss)
+                if loss is None or not math.isfinite(loss):
                     run.status = "failed"
                     run.error = TrialFailure("nan_loss", f"loss is not finite at step {run.step + 1}")
                     finish(run)

@@ -1,0 +1,69 @@
+"""Intermediate evaluation and pruning on real trials; non-finite losses fail a trial with its reason."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import tiny_sweep
+from tuner.config import load_config, parse_config
+from tuner.errors import ConfigError
+from tuner.worker import WorkerOptions, run_worker
+
+
+def test_median_pruner_stops_bad_trials_and_keeps_their_curves(tmp_path):
+    # A grid over one good and three hopeless learning rates: whatever the order, a hopeless trial that runs after
+    # the good one is worse than the median at its first evaluation and is pruned there.
+    sweep = tiny_sweep(tmp_path, name="prune", trials=4, train_rows=32, wandb="disabled",
+                       train_extra=", eval_every: 2, eval_rows: 8",
+                       extra="")
+    text = sweep.read_text().replace("learning_rate: {low: 1.0e-3, high: 3.0e-3, log: true}",
+                                     "learning_rate: {choices: [3.0e-3, 1.0e-7, 2.0e-7, 3.0e-7]}")
+    text = text.replace("r: {min: 8, max: 16}", "r: 8").replace("dropout: {low: 0.0, high: 0.1}", "dropout: 0.0")
+    text = text.replace("target_modules: {choices: [attention, attention+mlp]}", "target_modules: attention")
+    text = text.replace("study: {name: prune,", "study: {sampler: {type: grid, seed: 0}, "
+                        "pruner: {type: median, n_startup_trials: 1}, name: prune,")
+    sweep.write_text(text)
+    url = f"sqlite:///{tmp_path}/s.db"
+    run_worker(load_config(sweep), WorkerOptions(storage_url=url))
+    study = optuna.load_study(study_name="prune", storage=url)
+    states = [t.state for t in study.trials]
+    assert len(states) == 4 and TrialState.PRUNED in states and TrialState.COMPLETE in states, states
+    for t in study.trials:
+        assert t.intermediate_values, t.number
+        if t.state == TrialState.PRUNED:
+            stop = t.user_attrs["pruned_at_step"]
+            assert stop == max(t.intermediate_values) and t.user_attrs["steps"] == stop < 8
+            # Optuna keeps a pruned trial's last intermediate value as its value; it is never scored on test.
+            assert t.value == t.intermediate_values[stop] and "mae" not in t.user_attrs
+            assert t.params["learning_rate"] < 1e-6
+        else:
+            assert sorted(t.intermediate_values) == [2, 4, 6] and t.user_attrs["steps"] == 8
+            assert t.value == t.user_attrs["mae"]  # the objective is the test split's, not the last validation
+
+
+def test_non_finite_loss_fails_the_trial_with_its_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNER_INJECT_NAN_AT_STEP", "2")
+    sweep = tiny_sweep(tmp_path, name="nan", trials=2, wandb="disabled")
+    url = f"sqlite:///{tmp_path}/s.db"
+    report = run_worker(load_config(sweep), WorkerOptions(storage_url=url))
+    assert report.states == {0: "FAIL", 1: "FAIL"}
+    for t in optuna.load_study(study_name="nan", storage=url).trials:
+        assert t.state == TrialState.FAIL and t.value is None
+        assert t.user_attrs["fail_reason"] == "nan_loss" and "step 2" in t.user_attrs["fail_detail"]
+        assert "mae" not in t.user_attrs
+
+
+def test_evaluation_interval_longer_than_the_run_is_refused():
+    with pytest.raises(ConfigError, match=r"train.eval_every: expected fewer steps than the shortest run .* \(4 "):
+        parse_config({"data": {"train_rows": 32}, "train": {"batch_size": {"choices": [4, 8]}, "eval_every": 4}},
+                     "s.yaml")
+
+
+@pytest.mark.parametrize("kind", ["median", "successive_halving", "hyperband"])
+def test_every_pruner_is_selectable(kind):
+    from tuner.study import make_pruner
+
+    cfg = parse_config({"study": {"pruner": {"type": kind}}, "train": {"eval_every": 5}})
+    assert type(make_pruner(cfg)).__name__.lower().startswith(kind.split("_")[0])
