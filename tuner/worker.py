@@ -21,7 +21,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryFailedTrialCallback
 from optuna.trial import TrialState
 
-from . import lora, models, storage as store
+from . import artifacts, lora, models, storage as store
 from .config import SweepConfig
 from .data import Splits, load_splits
 from .errors import Interrupted, TrialFailure, TunerError
@@ -499,6 +499,10 @@ class TrialJob:
         metrics["score_rows_per_s"] = res.rows_per_s
         adapter_dir = run.run_dir / "adapter"
         lora.save_adapter(run.adapter, adapter_dir, self.base.resolved.name, self.base.resolved.revision)
+        info = artifacts.adapter_info(w.cfg, w.splits, self.params, self.base, w.study_name, self.trial.number)
+        attrs.update(artifacts.save_trial_artifacts(
+            self.trial, w.study, artifacts.location(w.opts.storage_url, w.cfg.study.artifacts), adapter_dir, info,
+            test, res.predictions, metrics))
         attrs.update(metrics)
         attrs["adapter_path"] = str(adapter_dir.resolve())
         self.tracker.summary({f"test/{k}": v for k, v in metrics.items()})

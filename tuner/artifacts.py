@@ -1,0 +1,312 @@
+"""Per-trial artifacts in Optuna's artifact store: the adapter (a zip of its peft folder), the test predictions (CSV)
+and a truth-vs-prediction scatter chart (PNG). optuna-dashboard shows them in its trial view; `tuner report`,
+`tuner promote` and `tuner predict` read them back.
+
+The store is a folder (Optuna's `FileSystemArtifactStore`): `study.artifacts` in the sweep file, else `artifacts/`
+next to the SQLite file, else `./artifacts` for a database server. Where a study's artifacts went is recorded on the
+study (user attribute `artifact_store`), so that commands without the sweep file find them. A trial records its
+artifacts' ids as user attributes (`adapter_artifact_id`, ...), the values a user looks up in the dashboard.
+
+An adapter folder carries `tuner.json` beside peft's files: what the adapter was trained on and how it is prompted
+and scored (base model and revision, quantization, prompt, price range, hyperparameters), so that it can be used
+without the study that made it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import TunerError
+
+STORE_ATTR = "artifact_store"
+ADAPTER_ATTR = "adapter_artifact_id"
+PREDICTIONS_ATTR = "predictions_artifact_id"
+SCATTER_ATTR = "scatter_artifact_id"
+INFO_FILE = "tuner.json"
+INFO_FORMAT = "tuner-adapter/1"
+# What identifies a base model's architecture; an adapter only fits a base that agrees on all of them.
+FINGERPRINT_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "vocab_size")
+
+
+class ArtifactError(TunerError):
+    """An artifact a command needs is not recorded, or not in the store."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the store is
+
+
+def default_location(storage_url: str) -> Path:
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(storage_url)
+    if url.drivername.startswith("sqlite") and url.database and url.database != ":memory:":
+        return Path(url.database).expanduser().resolve().parent / "artifacts"
+    return Path("artifacts").resolve()
+
+
+def location(storage_url: str, configured: str | None = None) -> Path:
+    return Path(configured).expanduser().resolve() if configured else default_location(storage_url)
+
+
+def location_for_studies(studies: Sequence[optuna.Study | optuna.study.StudySummary], storage_url: str,
+                         override: str | None = None) -> Path:
+    """The store to read: `override`, else the one the studies recorded, else the default for the storage."""
+    if override:
+        return Path(override).expanduser().resolve()
+    recorded = sorted({s.user_attrs[STORE_ATTR] for s in studies if s.user_attrs.get(STORE_ATTR)})
+    if len(recorded) > 1:
+        raise ArtifactError(f"the studies keep their artifacts in {len(recorded)} folders ({', '.join(recorded)}); "
+                            f"choose one with --artifacts DIR")
+    return Path(recorded[0]) if recorded else default_location(storage_url)
+
+
+def open_store(path: Path) -> optuna.artifacts.FileSystemArtifactStore:
+    path.mkdir(parents=True, exist_ok=True)
+    return optuna.artifacts.FileSystemArtifactStore(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What an adapter folder says about itself
+
+
+class AdapterInfo(BaseModel):
+    """`tuner.json`: everything needed to use an adapter without its study."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = INFO_FORMAT
+    base_model: str
+    base_revision: str | None = None
+    base_fingerprint: dict[str, Any]
+    quantization: dict[str, Any]
+    question: str
+    answer_prefix: str
+    max_price: float
+    scoring: dict[str, Any]
+    params: dict[str, Any]
+    data: dict[str, Any]
+    study: str
+    trial: int
+
+    @property
+    def bits(self) -> int:
+        return int(self.quantization["bits"])
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / INFO_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, path: Path, where: str) -> "AdapterInfo":
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{where}: cannot read {INFO_FILE} ({type(exc).__name__}: {exc})") from None
+        if raw.get("format") != INFO_FORMAT:
+            raise ArtifactError(f"{where}: {INFO_FILE} has format {raw.get('format')!r}, expected {INFO_FORMAT!r}")
+        try:
+            return cls(**raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ArtifactError(f"{where}: {INFO_FILE}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def adapter_info(cfg, splits, params, base, study_name: str, trial_number: int) -> AdapterInfo:
+    """`tuner.json` for a trial's adapter, from the sweep config, the data splits, the trial's parameters and the
+    loaded base it trained on."""
+    from .models import describe_quantization
+
+    return AdapterInfo(base_model=base.resolved.name, base_revision=base.resolved.revision,
+                       base_fingerprint=base_fingerprint(base.model.config),
+                       quantization=describe_quantization(base.bits, base.dtype), question=cfg.data.question,
+                       answer_prefix=cfg.data.answer_prefix, max_price=splits.max_price,
+                       scoring=cfg.scoring.model_dump(), params=params.to_dict(), data=splits.summary(),
+                       study=study_name, trial=trial_number)
+
+
+def base_fingerprint(config) -> dict[str, Any]:
+    """The architecture facts of a transformers config that an adapter's shapes depend on."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: d.get(k) for k in FINGERPRINT_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Predictions table and scatter chart
+
+
+def prediction_rows(examples: Sequence, predictions: Sequence) -> list[dict]:
+    """One row per test example: id, description excerpt, truth, prediction, error and colour. A prediction that
+    is not a number is left empty and scored as 0, as the metrics do."""
+    from .scoring import color_of
+
+    rows = []
+    for ex, p in zip(examples, predictions, strict=True):
+        value = p.value
+        scored = 0.0 if value is None else float(value)
+        text = " ".join(ex.text.split())
+        rows.append({"row_id": ex.row_id, "description": text if len(text) <= 100 else text[:99] + "…",
+                     "truth": float(ex.price), "prediction": value, "error": abs(scored - ex.price),
+                     "color": color_of(scored, ex.price), "decoded": p.text})
+    return rows
+
+
+PREDICTION_COLUMNS = ("row_id", "description", "truth", "prediction", "error", "color", "decoded")
+
+
+def write_predictions_csv(rows: Sequence[dict], path: Path) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "prediction": "" if r["prediction"] is None else f"{r['prediction']:g}",
+                        "truth": f"{r['truth']:g}", "error": f"{r['error']:.2f}"})
+    return path
+
+
+def read_predictions_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        out = []
+        for r in csv.DictReader(fh):
+            out.append({**r, "row_id": int(r["row_id"]), "truth": float(r["truth"]), "error": float(r["error"]),
+                        "prediction": float(r["prediction"]) if r["prediction"] else None})
+        return out
+
+
+COLORS = {"green": "#2ca02c", "orange": "#ff7f0e", "red": "#d62728"}
+LEGEND = {"green": "hit: error < $40 or < 20%", "orange": "near: < $80 or < 40%", "red": "miss"}
+
+
+def scatter_png(rows: Sequence[dict], metrics: dict, title: str, path: Path) -> Path:
+    """Truth against prediction on log axes, coloured by the original evaluator's rule. Rows without a positive
+    prediction cannot sit on a log axis; they are counted in the legend instead of being moved."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    shown = [r for r in rows if r["prediction"] is not None and r["prediction"] > 0]
+    for color in ("green", "orange", "red"):
+        pts = [r for r in shown if r["color"] == color]
+        if not pts:
+            continue
+        ax.scatter([r["truth"] for r in pts], [r["prediction"] for r in pts], s=18, c=COLORS[color],
+                   label=f"{LEGEND[color]} ({len(pts)})", alpha=0.85, edgecolors="none")
+    values = [r["truth"] for r in rows] + [r["prediction"] for r in shown]
+    lo, hi = min(values) / 1.5, max(values) * 1.5
+    ax.plot([lo, hi], [lo, hi], color="#888888", linewidth=1, linestyle="--", label="prediction = truth")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("true price ($)")
+    ax.set_ylabel("predicted price ($)")
+    hidden = len(rows) - len(shown)
+    if hidden:
+        ax.plot([], [], " ", label=f"not shown: {hidden} without a positive number")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_title(f"{title}\nMAE ${metrics['mae']:,.2f}   RMSLE {metrics['rmsle']:.3f}   "
+                 f"hits {metrics['hit_rate']:.1%}   (n={len(rows)})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adapter archive
+
+
+def zip_folder(folder: Path, path: Path) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(Path(folder).rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(folder).as_posix())
+    return path
+
+
+def unzip_folder(path: Path, dest: Path) -> Path:
+    dest = Path(dest)
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            # An archive from a shared store must not write outside its folder.
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ArtifactError(f"adapter archive {path}: unsafe member {name!r}")
+        zf.extractall(dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing a trial's artifacts (the worker) and reading them back (the commands)
+
+
+def save_trial_artifacts(trial: optuna.Trial, study: optuna.Study, store_dir: Path, adapter_dir: Path,
+                         info: AdapterInfo, examples: Sequence, predictions: Sequence, metrics: dict) -> dict:
+    """Write `tuner.json` into the adapter folder, upload the three artifacts, record the store on the study.
+    Returns the trial user attributes that name the artifacts."""
+    info.write(adapter_dir)
+    store = open_store(store_dir)
+    rows = prediction_rows(examples, predictions)
+    n = trial.number
+    with tempfile.TemporaryDirectory(prefix="tuner-artifacts-") as tmp:
+        tmp = Path(tmp)
+        files = {
+            PREDICTIONS_ATTR: (write_predictions_csv(rows, tmp / f"trial-{n}-predictions.csv"), "text/csv"),
+            SCATTER_ATTR: (scatter_png(rows, metrics, f"{study.study_name}, trial {n}: test set",
+                                       tmp / f"trial-{n}-scatter.png"), "image/png"),
+            ADAPTER_ATTR: (zip_folder(adapter_dir, tmp / f"trial-{n}-adapter.zip"), "application/zip"),
+        }
+        ids = {attr: optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
+                                                      mimetype=mime)
+               for attr, (path, mime) in files.items()}
+    if study.user_attrs.get(STORE_ATTR) != str(store_dir):
+        study.set_user_attr(STORE_ATTR, str(store_dir))
+    return ids
+
+
+def artifact_id(trial: optuna.trial.FrozenTrial, attr: str) -> str:
+    what = {ADAPTER_ATTR: "adapter", PREDICTIONS_ATTR: "predictions", SCATTER_ATTR: "scatter chart"}[attr]
+    value = trial.user_attrs.get(attr)
+    if not value:
+        raise ArtifactError(f"trial {trial.number} has no {what} artifact recorded ({attr} is not set)")
+    return str(value)
+
+
+def fetch(store, trial: optuna.trial.FrozenTrial, attr: str, dest: Path) -> Path:
+    """Copy one of the trial's artifacts to `dest`; a clear error if the store lost it."""
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    aid = artifact_id(trial, attr)
+    try:
+        with store.open_reader(aid) as reader, open(dest, "wb") as writer:
+            shutil.copyfileobj(reader, writer)
+    except ArtifactNotFound:
+        Path(dest).unlink(missing_ok=True)
+        raise ArtifactError(f"trial {trial.number}: artifact {aid} ({attr}) is missing from the artifact store "
+                            f"{getattr(store, '_base_path', '')}") from None
+    return Path(dest)
+
+
+def extract_adapter(store, trial: optuna.trial.FrozenTrial, dest: Path) -> Path:
+    """The trial's adapter folder, unpacked from its archive into `dest` (created; must not exist)."""
+    dest = Path(dest)
+    with tempfile.TemporaryDirectory(prefix="tuner-adapter-") as tmp:
+        archive = fetch(store, trial, ADAPTER_ATTR, Path(tmp) / "adapter.zip")
+        unzip_folder(archive, dest)
+    for needed in ("adapter_config.json", "adapter_model.safetensors", INFO_FILE):
+        if not (dest / needed).is_file():
+            raise ArtifactError(f"trial {trial.number}: the adapter archive has no {needed}")
+    return dest
+
