@@ -217,3 +217,14 @@ def test_trial_view_renders_with_the_scatter_chart(dashboard, swept, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_busy_port_is_a_one_line_error(swept, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = subprocess.run(tuner_cmd() + ["dashboard", "--storage", swept.url, "--port", str(port)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"

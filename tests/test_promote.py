@@ -184,6 +184,8 @@ def test_bad_requests_are_refused_before_any_upload(swept, hub, tmp_path):
          "is missing from the artifact store"),
         (["promote", "shared", "--trial", "0", "--to", str(tmp_path / "out"), "--storage", url, "--artifacts",
           str(store)], "is missing from the artifact store"),
+        (["promote", "shared", "--trial", "0", "--repo", "tuner-test/x", "--storage", url, "--artifacts",
+          str(tmp_path / "nowhere")], f"artifact store {tmp_path / 'nowhere'} does not exist"),
         (["promote", "shared", "--repo", "not a repo id", "--storage", url], "expected OWNER/NAME"),
         (["promote", "shared", "--storage", url], "give exactly one of --repo"),
     ]
@@ -210,3 +212,55 @@ def test_bad_requests_are_refused_before_any_upload(swept, hub, tmp_path):
                 env=hub_env(hub, tmp_path / "hf", token="hf_wrong_token_123"))
     _one_line_error(res, "the Hub refused to create or read tuner-test/y (HTTP 401)")
     assert "hf_wrong_token_123" not in res.stderr and "tuner-test/y" not in hub.state.repos
+
+
+STAND_IN_CLIENT = r'''
+import json, sys
+from pathlib import Path
+import huggingface_hub as hh
+
+api, repo, folder = hh.HfApi(), "tuner-test/history", Path(sys.argv[1])
+api.create_repo(repo, private=True)
+(folder / "weights.bin").write_bytes(b"step 100")
+first = api.upload_folder(repo_id=repo, folder_path=folder, commit_message="step 100").oid
+api.create_tag(repo, tag="step-100", revision=first)
+(folder / "weights.bin").write_bytes(b"step 200")
+second = api.upload_folder(repo_id=repo, folder_path=folder, commit_message="step 200").oid
+api.create_tag(repo, tag="step-200", revision=second)
+refs = api.list_repo_refs(repo)
+print(json.dumps({
+    "first": first, "second": second,
+    "tags": sorted((t.name, t.target_commit) for t in refs.tags),
+    "main": [b.target_commit for b in refs.branches if b.name == "main"],
+    "titles": [c.title for c in api.list_repo_commits(repo)],
+    "files_at_tag": sorted(api.list_repo_files(repo, revision="step-100")),
+    "at_tag": Path(hh.hf_hub_download(repo, "weights.bin", revision="step-100")).read_text(),
+    "at_commit": Path(hh.hf_hub_download(repo, "weights.bin", revision=first)).read_text(),
+    "at_main": Path(hh.hf_hub_download(repo, "weights.bin")).read_text(),
+    "exists": [api.file_exists(repo, "weights.bin", revision="step-100"), api.file_exists(repo, "nope.bin")],
+}))
+api.delete_tag(repo, tag="step-200")
+print(json.dumps(sorted(t.name for t in api.list_repo_refs(repo).tags)))
+'''
+
+
+def test_the_stand_in_keeps_commits_and_tags_for_the_real_client(hub, tmp_path):
+    """What `promote --checkpoint` will need: several commits to one repository, each tagged, each readable."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    env = {k: v for k, v in {**os.environ, **hub_env(hub, tmp_path / "hf")}.items() if v is not None}
+    res = subprocess.run([sys.executable, "-c", STAND_IN_CLIENT, str(folder)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out, tags_after = [json.loads(line) for line in res.stdout.strip().splitlines()]
+    assert out["first"] != out["second"] and out["main"] == [out["second"]]
+    assert out["tags"] == [["step-100", out["first"]], ["step-200", out["second"]]]
+    assert out["titles"] == ["step 200", "step 100", "initial commit"]
+    assert out["files_at_tag"] == [".gitattributes", "weights.bin"]
+    assert (out["at_tag"], out["at_commit"], out["at_main"]) == ("step 100", "step 100", "step 200")
+    assert out["exists"] == [True, False] and tags_after == ["step-100"]
+    assert hub.repo("tuner-test/history").private and not hub.state.unhandled

@@ -71,8 +71,13 @@ def location_for_studies(studies: Sequence[optuna.Study | optuna.study.StudySumm
     return Path(recorded[0]) if recorded else default_location(storage_url)
 
 
-def open_store(path: Path) -> optuna.artifacts.FileSystemArtifactStore:
-    path.mkdir(parents=True, exist_ok=True)
+def open_store(path: Path, create: bool = True) -> optuna.artifacts.FileSystemArtifactStore:
+    """The store at `path`; a reader (`create=False`) is told when the folder is not there instead of making it."""
+    path = Path(path)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    elif not path.is_dir():
+        raise ArtifactError(f"artifact store {path} does not exist (--artifacts DIR names another)")
     return optuna.artifacts.FileSystemArtifactStore(str(path))
 
 

@@ -258,7 +258,11 @@ def cmd_report(args) -> int:
 
     study = load_study(open_storage(args.storage), args.study)
     store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
-    rep = build(study, artifacts.open_store(store_dir) if store_dir.is_dir() else None)
+    try:
+        store, problem = artifacts.open_store(store_dir, create=False), ""
+    except artifacts.ArtifactError as exc:  # the tables and charts from the database still make a report
+        store, problem = None, str(exc)
+    rep = build(study, store, problem)
     table = Table(title=f"study {rep.study}: leaderboard (objective {rep.objective}, {rep.direction})")
     for i, h in enumerate(LEADERBOARD_HEADERS):
         table.add_column(h, justify="left" if i in (1, 5, 12) else "right")

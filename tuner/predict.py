@@ -163,7 +163,8 @@ def load(adapter: str, *, revision: str | None = None, base: str | None = None, 
     return Predictor(src, info, loaded, peft_model.get_base_model(), scorer, note)
 
 
-def read_rows(path: str, text_column: str = "text", price_column: str = "price") -> tuple[list[str], list[float] | None]:
+def read_rows(path: str, text_column: str = "text",
+              price_column: str = "price") -> tuple[list[str], list[float] | None]:
     """Descriptions (and prices, when the file has them) from a CSV file."""
     p = Path(path)
     if not p.is_file():

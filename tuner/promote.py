@@ -117,7 +117,8 @@ def _load_snippet(info: AdapterInfo, repo_or_path: str, hub: bool) -> str:
              "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig", ""]
     dtype = q.get("compute_dtype") or q.get("dtype") or "float32"
     if q.get("bits") == 4:
-        lines.append(f"quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={q.get('quant_type', 'nf4')!r}, "
+        lines.append(f"quant = BitsAndBytesConfig(load_in_4bit=True, "
+                     f"bnb_4bit_quant_type={q.get('quant_type', 'nf4')!r}, "
                      f"bnb_4bit_use_double_quant={bool(q.get('double_quant'))}, "
                      f"bnb_4bit_compute_dtype=torch.{dtype})")
     elif q.get("bits") == 8:
@@ -145,8 +146,8 @@ def model_card(study: optuna.Study, trial: FrozenTrial, info: AdapterInfo, repo_
 
     a, p = trial.user_attrs, info.params
     base_hub = UPSTREAM.get(info.base_model, info.base_model if REPO_ID.fullmatch(info.base_model) else None)
-    meta = ModelCardData(base_model=base_hub, library_name="peft", pipeline_tag="text-generation",
-                         tags=["tuner", "lora", "peft", "price-prediction"] + (["qlora"] if info.bits in (4, 8) else []))
+    tags = ["tuner", "lora", "peft", "price-prediction"] + (["qlora"] if info.bits in (4, 8) else [])
+    meta = ModelCardData(base_model=base_hub, library_name="peft", pipeline_tag="text-generation", tags=tags)
     objective = study.user_attrs.get("objective", "mae")
     name = repo_or_path.rstrip("/").split("/")[-1]
     base_line = f"`{info.base_model}`"
@@ -167,7 +168,8 @@ def model_card(study: optuna.Study, trial: FrozenTrial, info: AdapterInfo, repo_
            + f" (study objective: {objective}).", "",
            "## Base model", "",
            f"- model: {base_line}",
-           f"- revision: {('`' + info.base_revision + '`') if info.base_revision else 'not pinned (the default branch when trained)'}",
+           "- revision: " + (f"`{info.base_revision}`" if info.base_revision
+                             else "not pinned (the default branch when trained)"),
            f"- quantization while training (and to use when loading): {_quant_text(info.quantization)}", "",
            "## Data", "",
            f"- source: `{data.get('source')}`; rows: {data.get('train')} train, {data.get('val')} validation, "
@@ -265,7 +267,7 @@ def promote(storage, study: optuna.Study, *, trial_number: int | None, store_dir
         check_repo_id(repo)
     trial = select_trial(study, trial_number)
     token = hub_token() if repo is not None else None
-    store = artifacts.open_store(store_dir)
+    store = artifacts.open_store(store_dir, create=False)
     with tempfile.TemporaryDirectory(prefix="tuner-promote-") as tmp:
         adapter_dir = artifacts.extract_adapter(store, trial, Path(tmp) / "adapter")
         info = AdapterInfo.read(adapter_dir / artifacts.INFO_FILE, f"trial {trial.number}'s adapter")

@@ -111,7 +111,8 @@ def importances(study: optuna.Study) -> Importances:
     return Importances(dict(values), len(complete), name, note)
 
 
-def build(study: optuna.Study, store=None) -> Report:
+def build(study: optuna.Study, store=None, store_problem: str = "no artifact store given") -> Report:
+    """`store_problem`: why `store` is None, said where the best trial's chart would be."""
     states: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         states[t.state.name] = states.get(t.state.name, 0) + 1
@@ -124,7 +125,7 @@ def build(study: optuna.Study, store=None) -> Report:
                                                     "params": dict(best.params),
                                                     "attrs": {k: v for k, v in best.user_attrs.items()}})
     report.charts = [history_chart(study, report), intermediate_chart(study, report),
-                     importance_chart(report), best_scatter(study, best, store)]
+                     importance_chart(report), best_scatter(study, best, store, store_problem)]
     return report
 
 
@@ -217,12 +218,12 @@ def importance_chart(report: Report) -> Chart:
     return Chart("importances", title, _png(fig), imp.note)
 
 
-def best_scatter(study: optuna.Study, best, store) -> Chart:
+def best_scatter(study: optuna.Study, best, store, store_problem: str) -> Chart:
     if best is None:
         return Chart("best-scatter", "best trial: test predictions", None, "no COMPLETE trial yet")
     title = f"best trial ({best.number}): test predictions"
     if store is None:
-        return Chart("best-scatter", title, None, "no artifact store")
+        return Chart("best-scatter", title, None, store_problem)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = artifacts.fetch(store, best, artifacts.SCATTER_ATTR, Path(tmp) / "scatter.png")
