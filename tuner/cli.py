@@ -166,17 +166,22 @@ def cmd_run(args) -> int:
     t0 = time.time()
     with RichReporter() as reporter:
         report = run_worker(cfg, opts, reporter)
-    from .storage import open_storage
-    from .study import load_study
-
-    study = load_study(open_storage(args.storage), name)
-    console.print(trials_table(study, title=f"leaderboard: {name}"))
-    _print_verdict(study)
+    if not os.environ.get("TUNER_PLAIN_OUTPUT"):  # launched by --workers: the launcher prints the leaderboard
+        print_leaderboard(args.storage, name)
     console.print(f"this worker ran {len(report.ran)} trial(s) in {_fmt_secs(time.time() - t0)}")
     if report.interrupted:
         console.print("[yellow]stopped by a signal; run the same command again to resume[/yellow]")
         return 130
     return 0
+
+
+def print_leaderboard(storage_url: str, name: str) -> None:
+    from .storage import open_storage
+    from .study import load_study
+
+    study = load_study(open_storage(storage_url), name)
+    console.print(trials_table(study, title=f"leaderboard: {name}"))
+    _print_verdict(study)
 
 
 def _print_verdict(study) -> None:

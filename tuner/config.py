@@ -279,8 +279,14 @@ class TrainSpace(_Strict):
     seed: int = 42
     eval_every: int | None = Field(default=None, ge=1)
     eval_rows: int = Field(default=32, ge=1)
-    checkpoint_every: int | None = Field(default=None, ge=1)
+    # Cheap for LoRA (adapter + optimizer state); what a retried trial resumes from after a crash or Ctrl-C.
+    checkpoint_every: int | None = Field(default=20, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)  # the newest N, plus the one with the best validation value
+    # Relative drop of the training loss across an epoch boundary that flags memorisation (`overfit_epochs`).
+    overfit_drop: float = Field(default=0.15, gt=0, lt=1)
     gradient_checkpointing: Literal["auto", True, False] = "auto"
+    # Trials trained together on one base in one loop (each its own rows, LoRA, optimizer); `auto` sizes it.
+    cotrain: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # CPU only: bf16 autocast uses the AVX512-BF16/AMX units (about 3x fp32 matmul speed where present).
     cpu_bf16: Literal["auto", True, False] = "auto"
 
@@ -301,8 +307,60 @@ class ModelSpec(_Strict):
         return v
 
 
+    @property
+    def key(self) -> str:
+        """How a trial names its model: the name, with `@revision` when one is pinned."""
+        return self.name if self.revision is None else f"{self.name}@{self.revision}"
+
+
+class ModelSpace(_Strict):
+    """One base model, or several to choose from (a sweep dimension: size, base against instruct variant)."""
+
+    options: tuple[ModelSpec, ...]
+
+    @property
+    def is_fixed(self) -> bool:
+        return len(self.options) == 1
+
+    @property
+    def name(self) -> str:
+        return " | ".join(o.key for o in self.options)
+
+    @property
+    def revision(self) -> str | None:
+        return self.options[0].revision if self.is_fixed else None
+
+    def keys(self) -> list[str]:
+        return [o.key for o in self.options]
+
+    def by_key(self, key: str) -> ModelSpec:
+        return next(o for o in self.options if o.key == key)
+
+
 def _model(raw: Any) -> Any:
-    return {"name": raw} if isinstance(raw, str) else raw
+    """`name`, `{name, revision}`, a list of those, or `{choices: [...]}`."""
+    if isinstance(raw, ModelSpace):
+        return raw
+    if isinstance(raw, dict) and set(raw) == {"choices"}:
+        raw = raw["choices"]
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        raise ValueError("expected at least one model")
+    options = []
+    for i, item in enumerate(items):
+        spec = {"name": item} if isinstance(item, str) else item
+        if not isinstance(spec, dict):
+            raise ValueError(f"expected a model name or {{name, revision}} at entry {i}, got {item!r}")
+        try:
+            options.append(ModelSpec(**spec))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            msg = first["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{msg} (entry {i}: {item!r})") from None
+    keys = [o.key for o in options]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"expected distinct models, got {keys}")
+    return ModelSpace(options=tuple(options))
 
 
 class DataSpec(_Strict):
@@ -400,7 +458,7 @@ class TrackingSpec(_Strict):
 
 class SweepConfig(_Strict):
     study: StudySpec = StudySpec()
-    model: Annotated[ModelSpec, BeforeValidator(_model)] = ModelSpec()
+    model: Annotated[ModelSpace, BeforeValidator(_model)] = ModelSpace(options=(ModelSpec(),))
     data: DataSpec = DataSpec()
     search: SearchSpace = SearchSpace()
     train: TrainSpace = TrainSpace()

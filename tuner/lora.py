@@ -78,41 +78,69 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
-    def _drop(self, x: torch.Tensor, name: str, p: float) -> torch.Tensor:
-        if p == 0.0 or not self.training:
-            return x
-        g = torch.Generator(device=x.device)
+    def _keep_mask(self, shape: torch.Size, name: str, p: float, device, dtype) -> torch.Tensor:
+        """Inverted-dropout mask (0 or 1/(1-p)) for one adapter's rows, from a generator seeded by the adapter's
+        seed, its own forward count and this layer. Drawn at the length the adapter's rows have alone and
+        left-padded, so that longer neighbours in a co-trained batch do not change it."""
+        g = torch.Generator(device=device)
         tick = self.router.ticks.get(name, 0)
         g.manual_seed((self.seeds[name] * 1_000_003 + tick * 10_007 + self.layer_id) % (2**63))
-        own = self.router.own_lengths.get(name, x.shape[1]) if x.dim() == 3 else None
-        if own is not None and own < x.shape[1]:
-            keep = torch.empty((x.shape[0], own, x.shape[2]), device=x.device, dtype=x.dtype)
-            keep = torch.nn.functional.pad(keep.bernoulli_(1.0 - p, generator=g), (0, 0, x.shape[1] - own, 0))
+        own = self.router.own_lengths.get(name, shape[1]) if len(shape) == 3 else None
+        if own is not None and own < shape[1]:
+            keep = torch.empty((shape[0], own, shape[2]), device=device, dtype=dtype).bernoulli_(1.0 - p, generator=g)
+            keep = torch.nn.functional.pad(keep, (0, 0, shape[1] - own, 0))
         else:
-            keep = torch.empty(x.shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p, generator=g)
-        return x * keep / (1.0 - p)
+            keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=g)
+        return keep / (1.0 - p)
+
+    def _lora_input(self, x: torch.Tensor, w: "LoRAWeights") -> torch.Tensor:
+        # fp32 adapters on a bf16 base compute in fp32, as peft does; under autocast (CUDA, bf16) the matmul casts.
+        return x if torch.is_autocast_enabled(x.device.type) else x.to(w.lora_A.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if not self.adapters or not self.router.segments:
             return out
+        segs = [(self.adapters[n], n, s, e) for n, s, e in self.router.segments if n in self.adapters]
+        if not segs:
+            return out
+        sizes = {e - s for _, _, s, e in segs}
+        if len(segs) > 1 and len(sizes) == 1 and segs[0][2] == 0 and segs[-1][3] == out.shape[0] \
+                and all(a[3] == b[2] for a, b in zip(segs, segs[1:])):
+            return out + self._grouped(x, segs).to(out.dtype)
         pieces, covered = [], 0
-        for name, start, end in self.router.segments:
-            w = self.adapters[name] if name in self.adapters else None
-            if w is None:
-                continue
+        for w, name, start, end in segs:
             if start > covered:
                 pieces.append(out.new_zeros((start - covered, *out.shape[1:])))
-            xs = self._drop(x[start:end], name, w.dropout)
-            if not torch.is_autocast_enabled(xs.device.type):
-                xs = xs.to(w.lora_A.dtype)  # fp32 adapters on a bf16 base; under autocast the matmul casts itself
+            xs = self._lora_input(x[start:end], w)
+            if self.training and w.dropout > 0:
+                xs = xs * self._keep_mask(xs.shape, name, w.dropout, xs.device, xs.dtype)
             pieces.append(((xs @ w.lora_A.t()) @ w.lora_B.t() * w.scale).to(out.dtype))
             covered = end
-        if not pieces:
-            return out
         if covered < out.shape[0]:
             pieces.append(out.new_zeros((out.shape[0] - covered, *out.shape[1:])))
         return out + torch.cat(pieces, dim=0)
+
+    def _grouped(self, x: torch.Tensor, segs: list) -> torch.Tensor:
+        """Several adapters over equal, contiguous row segments that cover the batch: two batched matmuls instead
+        of a loop of small ones (a kernel launch each, which is what co-training many trials on a GPU spends its
+        time on otherwise). Ranks differ: A and B are zero-padded to the largest rank, which adds exact zeros."""
+        from torch.nn.utils.rnn import pad_sequence
+
+        k = len(segs)
+        xin = self._lora_input(x, segs[0][0])
+        if self.training and any(w.dropout > 0 for w, *_ in segs):
+            mask = torch.ones_like(xin)
+            for w, name, s, e in segs:
+                if w.dropout > 0:
+                    mask[s:e] = self._keep_mask(xin[s:e].shape, name, w.dropout, xin.device, xin.dtype)
+            xin = xin * mask
+        a = pad_sequence([w.lora_A for w, *_ in segs], batch_first=True)  # [k, r_max, in]
+        b = pad_sequence([w.lora_B.t() for w, *_ in segs], batch_first=True)  # [k, r_max, out]
+        scale = torch.tensor([w.scale for w, *_ in segs], device=xin.device, dtype=torch.float32).view(k, 1, 1)
+        h = torch.bmm(xin.reshape(k, -1, xin.shape[-1]), a.transpose(1, 2))
+        delta = torch.bmm(h, b) * scale
+        return delta.reshape(*x.shape[:-1], delta.shape[-1])
 
 
 def _linear_types() -> tuple:

@@ -114,7 +114,8 @@ def linear_module_names(model: ResolvedModel) -> set[str]:
     try:
         config = AutoConfig.from_pretrained(model.path, revision=model.revision)
     except Exception as exc:
-        raise TunerError(f"model {model.name!r}: cannot read its config ({type(exc).__name__}: {exc})") from None
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise TunerError(f"model {model.name!r}: cannot read its config ({type(exc).__name__}: {reason})") from None
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     names = {name.rsplit(".", 1)[-1] for name, mod in skeleton.named_modules() if isinstance(mod, torch.nn.Linear)}

@@ -73,10 +73,12 @@ def _suggest(trial: Suggester, name: str, dim: Dim, kind: type) -> Any:
     return trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
 
 
-def sample(trial: Suggester, cfg: SweepConfig, available_modules: set[str] | None = None) -> TrialParams:
-    """Draw one trial's parameters. `available_modules` (the model's linear layer names) resolves target sets; a
-    set that matches nothing was refused at study start, so here it only narrows the list."""
+def sample(trial: Suggester, cfg: SweepConfig,
+           available_modules: "set[str] | dict[str, set[str]] | None" = None) -> TrialParams:
+    """Draw one trial's parameters. `available_modules` (the model's linear layer names, or per model key) resolves
+    target sets; a set that matches nothing was refused at study start, so here it only narrows the list."""
     s, t = cfg.search, cfg.train
+    model = cfg.model.keys()[0] if cfg.model.is_fixed else trial.suggest_categorical("model", cfg.model.keys())
     ranks = s.r.values()
     if len(ranks) == 1:
         r = ranks[0]
@@ -88,6 +90,8 @@ def sample(trial: Suggester, cfg: SweepConfig, available_modules: set[str] | Non
         alpha = float(_suggest(trial, "alpha_ratio", s.alpha.ratio, float)) * r
     target_set = _suggest(trial, "target_modules", s.target_modules, str)
     wanted = s.target_set(target_set)
+    if isinstance(available_modules, dict):
+        available_modules = available_modules[model]
     modules = tuple(m for m in wanted if available_modules is None or m in available_modules)
     return TrialParams(
         r=r,
@@ -108,7 +112,7 @@ def sample(trial: Suggester, cfg: SweepConfig, available_modules: set[str] | Non
         max_grad_norm=float(_suggest(trial, "max_grad_norm", t.max_grad_norm, float)),
         seed=t.seed,
         max_steps=t.max_steps,
-        model=cfg.model.name,
+        model=model,
     )
 
 
@@ -120,7 +124,8 @@ def space_signature(cfg: SweepConfig) -> dict:
 
     s, t, data = cfg.search, cfg.train, cfg.data
     return {
-        "model": cfg.model.name, "model_revision": cfg.model.revision,
+        "model": cfg.model.keys() if not cfg.model.is_fixed else cfg.model.options[0].name,
+        "model_revision": cfg.model.revision,
         "data": {"source": data.source, "train_rows": data.train_rows, "val_rows": data.val_rows,
                  "test_rows": data.test_rows, "seed": data.seed, "text_column": data.text_column,
                  "price_column": data.price_column},

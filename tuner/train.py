@@ -129,11 +129,20 @@ def make_scheduler(name: str, optimizer, total_steps: int, warmup_ratio: float):
 # One trial's run
 
 
+@dataclass
+class Evaluation:
+    """What an evaluation hook returns: the validation value (lower is better unless the run maximizes) and
+    whether the pruner wants the trial stopped."""
+
+    value: float | None
+    prune: bool = False
+
+
 class RunHooks(Protocol):
     """What the loop tells the outside world. Implemented by the study layer; the loop knows nothing of storage."""
 
     def on_step(self, run: "TrialRun", record: dict) -> None: ...
-    def on_evaluate(self, run: "TrialRun", step: int) -> bool: ...  # True: prune now
+    def on_evaluate(self, run: "TrialRun", step: int) -> "Evaluation | bool": ...  # bool: prune, no value
     def on_checkpoint(self, run: "TrialRun", step: int, path: Path) -> None: ...
 
 
@@ -155,10 +164,17 @@ class ExecutionPlan:
     micro_batch: int
     gradient_checkpointing: bool = False
     oom_halvings: int = 0
+    oom_events: int = 0
+    attention: str | None = None
+    group_size: int = 1  # most trials this one was co-trained with, itself included
+    padded_tokens: int = 0  # positions computed, padding included
+    real_tokens: int = 0
 
     def to_dict(self) -> dict:
+        waste = 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
         return {"micro_batch": self.micro_batch, "gradient_checkpointing": self.gradient_checkpointing,
-                "oom_halvings": self.oom_halvings}
+                "oom_halvings": self.oom_halvings, "oom_events": self.oom_events, "attention": self.attention,
+                "group_size": self.group_size, "padding_fraction": round(waste, 4)}
 
 
 @dataclass
@@ -171,7 +187,9 @@ class TrialRun:
     plan: ExecutionPlan | None = None
     eval_every: int | None = None
     checkpoint_every: int | None = None
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 3
+    maximize: bool = False  # the validation value's direction (hit rate); MAE and RMSLE minimize
+    overfit_drop: float = 0.15  # relative training-loss drop across an epoch boundary that flags memorisation
     # state
     status: str = "pending"  # pending, running, completed, failed, pruned, interrupted
     error: Exception | None = None
@@ -186,6 +204,10 @@ class TrialRun:
     rows_seen: int = 0
     tokens_seen: int = 0
     skipped_checkpoints: list[str] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)  # {step, epoch, value}
+    best: dict | None = None  # the evaluation with the best value; its adapter is what the trial keeps
+    kept: dict | None = None  # set at completion: which step's adapter the trial ended with, and why
+    _best_state: dict | None = field(default=None, repr=False)
     _schedule: list[list[int]] = field(default_factory=list, repr=False)
     _micro_index: int = 0  # micro-batch within the current step
     _micro_batches: list[list[int]] = field(default_factory=list, repr=False)
@@ -237,6 +259,15 @@ class TrialRun:
             self.step = self.resumed_from_step = int(state["step"])
             self.ticks = int(state["ticks"])
             self.history = list(state["history"])
+            self.evals = list(state.get("evals", []))
+            self.best = state.get("best")
+            best_file = self.checkpoint_root / "best.safetensors"
+            if self.best is not None and best_file.is_file():
+                from safetensors.torch import load_file
+
+                self._best_state = load_file(str(best_file))
+            elif self.best is not None:
+                self.best = None  # its adapter is gone: only what can be kept counts
             return
 
     def _begin_step(self) -> None:
@@ -244,6 +275,10 @@ class TrialRun:
             return
         rows = self._schedule[self.step]
         mb = self.plan.micro_batch
+        if mb < len(rows):
+            # Which micro-batch a row lands in is not part of the math (the step sums over all of them), so rows of
+            # similar length go together and pad less.
+            rows = sorted(rows, key=lambda i: len(self.rows[i].input_ids))
         self._micro_batches = [rows[i:i + mb] for i in range(0, len(rows), mb)]
         self._micro_index = 0
         self._step_tokens = sum(self.rows[i].n_completion for i in rows)
@@ -309,8 +344,76 @@ class TrialRun:
     def done(self) -> bool:
         return self.step >= self.total_steps
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.rows), self.params)
+
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.eval_every) or self.params.epochs > 1
+
     def due_eval(self) -> bool:
-        return bool(self.eval_every) and self.step % self.eval_every == 0 and not self.done
+        """Every `eval_every` steps, at every epoch's end when there are several, and at the last step whenever
+        the run evaluates at all (so that the last adapter can be compared with the best)."""
+        if not self.evaluates:
+            return False
+        if self.done:
+            return True
+        every = bool(self.eval_every) and self.step % self.eval_every == 0
+        return every or (self.params.epochs > 1 and self.step % self.steps_per_epoch == 0)
+
+    def record_eval(self, value: float | None) -> None:
+        if value is None or not math.isfinite(value):
+            return
+        epoch = math.ceil(self.step / self.steps_per_epoch)
+        entry = {"step": self.step, "epoch": epoch, "value": value}
+        self.evals.append(entry)
+        better = self.best is None or (value > self.best["value"] if self.maximize else value < self.best["value"])
+        if better:
+            self.best = entry
+            self._best_state = self.adapter.state_dict()
+            if self.checkpoint_every or self.params.epochs > 1:
+                self._save_best_on_disk()
+
+    def keep_best(self) -> None:
+        """At completion: end with the best evaluated adapter, not necessarily the last one."""
+        last = self.evals[-1] if self.evals and self.evals[-1]["step"] == self.step else None
+        if self.best is None:
+            self.kept = {"step": self.step, "reason": "last (no evaluation)"}
+            return
+        if self.best["step"] != self.step and self._best_state is not None:
+            self.adapter.load_state_dict(self._best_state)
+            self.kept = {**self.best, "reason": "best validation value", "last": last}
+        else:
+            self.kept = {**self.best, "reason": "last is best", "last": last}
+
+    def epoch_boundaries(self) -> list[dict]:
+        """Training loss just before and just after each epoch boundary (means over a few steps). A sharp drop
+        when the rows come round again is memorisation, not learning; it is flagged above `overfit_drop`."""
+        per = self.steps_per_epoch
+        losses = [h["loss"] for h in self.history]
+        k = max(1, min(5, per // 4))
+        out = []
+        for epoch in range(1, self.params.epochs):
+            b = epoch * per
+            if b + k > len(losses) or b - k < 0:
+                break
+            before = sum(losses[b - k:b]) / k
+            after = sum(losses[b:b + k]) / k
+            drop = (before - after) / before if before > 0 else 0.0
+            out.append({"epoch": epoch + 1, "step": b, "loss_before": before, "loss_after": after,
+                        "drop": drop, "flagged": drop > self.overfit_drop})
+        return out
+
+    def _save_best_on_disk(self) -> None:
+        from safetensors.torch import save_file
+
+        folder = self.checkpoint_root
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".best-{os.getpid()}.safetensors"
+        save_file({k: v.contiguous() for k, v in self._best_state.items()}, str(tmp),
+                  metadata={"step": str(self.best["step"]), "value": repr(self.best["value"])})
+        os.replace(tmp, folder / "best.safetensors")
 
     def due_checkpoint(self) -> bool:
         return bool(self.checkpoint_every) and self.step % self.checkpoint_every == 0 and not self.done
@@ -324,13 +427,16 @@ class TrialRun:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         lora.save_adapter(self.adapter, tmp / "adapter", base_name)
-        torch.save({"step": self.step, "ticks": self.ticks, "history": self.history,
-                    "optimizer": self._optimizer.state_dict(), "scheduler": self._scheduler.state_dict(),
-                    "params": self.params.to_dict()}, tmp / STATE_FILE)
+        torch.save({"step": self.step, "ticks": self.ticks, "history": self.history, "evals": self.evals,
+                    "best": self.best, "optimizer": self._optimizer.state_dict(),
+                    "scheduler": self._scheduler.state_dict(), "params": self.params.to_dict()}, tmp / STATE_FILE)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         old = sorted(self.checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*"))[: -self.keep_checkpoints]
+        best_step = self.best["step"] if self.best else None
         for folder in old:
+            if best_step is not None and folder.name == f"{CHECKPOINT_PREFIX}{best_step:06d}":
+                continue  # the best one stays: `tuner promote --checkpoint` may want it
             shutil.rmtree(folder, ignore_errors=True)
         return final
 
@@ -343,7 +449,9 @@ class TrialRun:
         return {"train_seconds": self.train_seconds, "rows_per_s": self.rows_seen / secs,
                 "tokens_per_s": self.tokens_seen / secs, "steps": self.step, "total_steps": self.total_steps,
                 "resumed_from_step": self.resumed_from_step, "optimizer_impl": self.optimizer_note,
-                "warmup_steps": self.warmup_steps, "execution": self.plan.to_dict() if self.plan else None}
+                "warmup_steps": self.warmup_steps, "execution": self.plan.to_dict() if self.plan else None,
+                "evaluations": self.evals, "kept": self.kept, "epoch_boundaries": self.epoch_boundaries(),
+                "overfit_epochs": [b["epoch"] for b in self.epoch_boundaries() if b["flagged"]]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,25 +493,33 @@ def _injected_nan(run: TrialRun, loss: float | None) -> float | None:
 
 def _injected_oom(run: TrialRun) -> None:
     """Test hook: TUNER_INJECT_OOM_AT_STEP=N raises the framework's own OOM error when a run that has not yet
-    halved its micro-batch reaches step N."""
+    halved its micro-batch reaches step N; `N:always` raises it on every attempt at step N."""
     at = os.environ.get("TUNER_INJECT_OOM_AT_STEP")
-    if at and run.step + 1 == int(at) and run.plan.oom_halvings == 0:
-        raise torch.OutOfMemoryError(f"injected out-of-memory at step {at} (TUNER_INJECT_OOM_AT_STEP)")
+    if not at:
+        return
+    step, _, mode = at.partition(":")
+    if run.step + 1 == int(step) and (mode == "always" or run.plan.oom_halvings == 0):
+        raise torch.OutOfMemoryError(f"injected out-of-memory at step {step} (TUNER_INJECT_OOM_AT_STEP)")
 
 
 def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[TrialRun]] | None = None,
                 stop: Callable[[], bool] | None = None,
                 on_done: Callable[[TrialRun], None] | None = None,
-                gradient_checkpointing: bool = False) -> list[TrialRun]:
+                gradient_checkpointing: bool | str = "auto", capacity: int | None = None) -> list[TrialRun]:
     """Train `runs` together on `base` until each completes, fails or is pruned. `supplier(free)` is asked for up
-    to `free` more runs whenever one leaves. `on_done(run)` is called while the run's adapter is still attached
-    (to score and save it), then the adapter is removed. Returns every run that took part."""
+    to `free` more runs whenever one leaves (`capacity`, default len(runs), is the group's size). `on_done(run)` is
+    called while the run's adapter is still attached (to score and save it), then the adapter is removed.
+
+    Gradient checkpointing: "auto" starts without it (faster) and turns it on at the first out-of-memory error,
+    before any micro-batch is halved; True/False force it. Returns every run that took part."""
     model, device = base.model, base.device
     router = lora.router_of(model)
     pad_id = base.tokenizer.pad_token_id
-    capacity = len(runs)
+    capacity = capacity or len(runs)
     active: list[TrialRun] = []
     seen: list[TrialRun] = []
+    group = {"checkpointing": gradient_checkpointing is True, "auto": gradient_checkpointing == "auto",
+             "attention": getattr(model.config, "_attn_implementation", None)}
 
     def admit(new: list[TrialRun]) -> None:
         for run in new:
@@ -414,7 +530,10 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
                 run.status, run.error = "failed", exc
                 finish(run)
                 continue
+            run.plan.gradient_checkpointing = group["checkpointing"]
+            run.plan.attention = group["attention"]
             if run.done:  # resumed from a checkpoint at the last step
+                run.keep_best()
                 run.status = "completed"
                 finish(run)
                 continue
@@ -431,13 +550,21 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
                 lora.detach(model, run.adapter)
             run._optimizer = run._scheduler = None
 
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    def set_checkpointing(on: bool) -> None:
+        if on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        group["checkpointing"] = on
+
+    set_checkpointing(group["checkpointing"])
     admit(runs)
     try:
         while True:
             if supplier is not None and len(active) < capacity:
-                _refill(supplier, capacity, active, admit)
+                new = supplier(capacity - len(active))
+                if new:
+                    admit(new)
             if not active:
                 break
             if stop is not None and stop():
@@ -445,6 +572,8 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
                     _interrupt(run, base)
                     finish(run)
                 break
+            for run in active:
+                run.plan.group_size = max(run.plan.group_size, len(active))
             parts = [(run, run.next_micro()) for run in active]
             t0 = time.perf_counter()
             try:
@@ -454,7 +583,15 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
             except BaseException as exc:
                 if not _is_oom(exc):
                     raise
-                _recover_from_oom(active, finish, exc, device)
+                if group["auto"] and not group["checkpointing"]:
+                    _clear_partial_steps(active, device)
+                    set_checkpointing(True)
+                    for run in active:
+                        run.plan.gradient_checkpointing = True
+                        run.plan.oom_events += 1
+                        run.restart_step()
+                else:
+                    _recover_from_oom(active, finish, exc, device)
                 continue
             elapsed = time.perf_counter() - t0
             for (run, es), loss in zip(parts, losses):
@@ -471,38 +608,44 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
                     grad_norm = run.check_gradients()
                     record = run.optimizer_step(grad_norm)
                     run.hooks.on_step(run, record)
-                    if run.done:
-                        run.status = "completed"
-                        finish(run)
-                        continue
                     if run.due_checkpoint():
                         path = run.save_checkpoint(base.resolved.name)
                         run.hooks.on_checkpoint(run, run.step, path)
                     if run.due_eval():
-                        prune = run.hooks.on_evaluate(run, run.step)
+                        result = run.hooks.on_evaluate(run, run.step)
+                        value, prune = (None, result) if isinstance(result, bool) or result is None \
+                            else (result.value, result.prune)
+                        run.record_eval(value)
                         run._checked_after_eval = False
-                        if prune:
-                            raise TrialPruned(run.step, float("nan"))
+                        if prune and not run.done:
+                            raise TrialPruned(run.step, float("nan") if value is None else value)
+                    if run.done:
+                        run.keep_best()
+                        run.status = "completed"
+                        finish(run)
+                        continue
                     run._begin_step()
                 except (TrialFailure, TrialPruned) as exc:
                     run.status = "pruned" if isinstance(exc, TrialPruned) else "failed"
                     run.error = exc
                     finish(run)
-    finally:
-        for run in list(active):  # an exception escaped (KeyboardInterrupt, a bug): leave nothing attached
-            run.status = run.status if run.status != "running" else "interrupted"
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint, but every trial is handed back
+        for run in list(active):
+            run.status, run.error = "interrupted", Interrupted(None)
             finish(run)
+        raise
+    except BaseException as exc:  # a bug or an infrastructure error: fail what is running, visibly
+        for run in list(active):
+            run.status = "failed"
+            run.error = TrialFailure("error", f"{type(exc).__name__}: {exc}")
+            finish(run)
+        raise
+    finally:
         router.segments = []
-        if gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+        if group["checkpointing"]:
+            set_checkpointing(False)
         model.eval()
     return seen
-
-
-def _refill(supplier, capacity: int, active: list, admit) -> None:
-    new = supplier(capacity - len(active))
-    if new:
-        admit(new)
 
 
 def _forward_backward(model, router: lora.Router, parts, pad_id: int, device) -> list[float | None]:
@@ -515,8 +658,14 @@ def _forward_backward(model, router: lora.Router, parts, pad_id: int, device) ->
     for run, _ in parts:
         run.ticks += 1
         router.ticks[run.name] = run.ticks
+    width = ids.shape[1]
+    for (run, es), (_, s, e, _) in zip(parts, segments):
+        run.plan.padded_tokens += (e - s) * width
+        run.plan.real_tokens += sum(len(x.input_ids) for x in es)
     model.train()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=comp + 1)
+    # On CUDA the recipe trained under bf16 autocast (SFTConfig bf16=True): the LoRA matmuls run in bf16 too.
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=comp + 1)
     logits = out.logits[:, :-1, :].float()
     token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                                  reduction="none").view(labels.shape)
@@ -535,15 +684,19 @@ def _forward_backward(model, router: lora.Router, parts, pad_id: int, device) ->
     return sums
 
 
-def _recover_from_oom(active: list[TrialRun], finish, exc: BaseException, device) -> None:
-    """Halve every run's micro-batch (its accumulation doubles, so the step's math is unchanged) and redo the
-    current step; a run that was already halved once, or is at one row, fails with reason `oom`."""
+def _clear_partial_steps(active: list[TrialRun], device) -> None:
     for run in active:
         if run._optimizer is not None:
             run._optimizer.zero_grad(set_to_none=True)
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+def _recover_from_oom(active: list[TrialRun], finish, exc: BaseException, device) -> None:
+    """Halve every run's micro-batch (its accumulation doubles, so the step's math is unchanged) and redo the
+    current step; a run that was already halved once, or is at one row, fails with reason `oom`."""
+    _clear_partial_steps(active, device)
     for run in list(active):
         if run.plan.oom_halvings >= 1 or run.plan.micro_batch <= 1:
             run.status = "failed"
@@ -553,6 +706,7 @@ def _recover_from_oom(active: list[TrialRun], finish, exc: BaseException, device
             continue
         run.plan.micro_batch = max(1, run.plan.micro_batch // 2)
         run.plan.oom_halvings += 1
+        run.plan.oom_events += 1
         run.restart_step()
 
 
@@ -566,6 +720,6 @@ def _interrupt(run: TrialRun, base) -> None:
     run.error = Interrupted(step)
 
 
-def train_one(base, run: TrialRun, *, stop=None, on_done=None, gradient_checkpointing: bool = False) -> TrialRun:
+def train_one(base, run: TrialRun, *, stop=None, on_done=None, gradient_checkpointing: bool | str = "auto") -> TrialRun:
     train_group(base, [run], stop=stop, on_done=on_done, gradient_checkpointing=gradient_checkpointing)
     return run

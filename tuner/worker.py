@@ -29,7 +29,7 @@ from .scoring import PriceScorer, constant_baseline, price_metrics
 from .space import TrialParams, sample
 from .study import baselines, open_study, running_elsewhere, set_baseline
 from .tracking import TrialTracker
-from .train import TrialRun, encode, train_group
+from .train import Evaluation, TrialRun, encode, train_group
 
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
@@ -181,6 +181,24 @@ class WorkerReport:
     seconds: float = 0.0
 
 
+CPU_AUTO_COTRAIN = 2
+
+
+def estimate_trial_bytes(config, params: TrialParams) -> float:
+    """Activation memory of one trial's micro-batch without gradient checkpointing, bf16, generously rounded up
+    (about 18 hidden-sized and 4 MLP-sized tensors per layer per token), plus its LoRA weights and AdamW state."""
+    tokens = params.batch_size * params.max_length
+    per_layer = 18 * config.hidden_size + 4 * config.intermediate_size
+    lora = params.r * (config.hidden_size * 2) * 4 * config.num_hidden_layers * 16
+    return 2.0 * tokens * per_layer * config.num_hidden_layers + lora
+
+
+@dataclass
+class Prepared:
+    got: "Acquired"
+    params: TrialParams
+
+
 @dataclass
 class Acquired:
     trial: optuna.Trial
@@ -205,13 +223,17 @@ class Worker:
         self.budget = opts.trials or cfg.study.trials
         self.stopper = Stopper(self.reporter)
         self.bases = BaseCache(capacity=1, cpu_bf16=cfg.train.cpu_bf16)
-        self._encoded: dict[int, tuple] = {}
+        self._encoded: dict[tuple, tuple] = {}
         self._mine: set[int] = set()
         self._errors_in_a_row = 0
 
     # -- set-up: everything that can fail on bad input fails here, before a model is loaded --------------------
     def prepare(self) -> None:
         cfg = self.cfg
+        if os.environ.get("TUNER_TORCH_THREADS"):  # set by --workers: this process's share of the cores
+            import torch
+
+            torch.set_num_threads(int(os.environ["TUNER_TORCH_THREADS"]))
         self.retry = RetryFailedTrialCallback(max_retry=cfg.study.max_retries)
         self.storage = store.open_storage(self.opts.storage_url, heartbeat_interval=cfg.study.heartbeat_interval,
                                           grace_period=cfg.study.grace_period, retry_callback=self.retry)
@@ -221,15 +243,29 @@ class Worker:
         self.study = open_study(cfg, self.storage, self.study_name, force=self.opts.force,
                                 seed_offset=_seed_offset(busy))
         self.splits: Splits = load_splits(cfg.data)
-        self.resolved = models.resolve_model(cfg.model)
-        self.modules = models.linear_module_names(self.resolved)
-        for name in cfg.search.target_modules.values():
-            models.resolve_targets(cfg.search.target_set(name), self.modules, name)
+        # Every model the sweep may pick is resolved, read and checked before any trial starts.
+        self.resolved: dict[str, models.ResolvedModel] = {}
+        self.modules: dict[str, set[str]] = {}
+        self.scorers: dict[str, PriceScorer] = {}
+        self.tokenizers: dict[str, object] = {}
+        for i, spec in enumerate(cfg.model.options):
+            where = f"model[{i}] {spec.key!r}" if not cfg.model.is_fixed else f"model {spec.key!r}"
+            try:
+                resolved = models.resolve_model(spec)
+                modules = models.linear_module_names(resolved)
+                for name in cfg.search.target_modules.values():
+                    models.resolve_targets(cfg.search.target_set(name), modules, name)
+                tok = models.load_tokenizer(resolved)
+            except TunerError as exc:
+                raise TunerError(f"{where}: {str(exc).removeprefix(f'model {spec.name!r}: ')}") from None
+            except Exception as exc:
+                raise TunerError(f"{where}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+            self.resolved[spec.key], self.modules[spec.key], self.tokenizers[spec.key] = resolved, modules, tok
+            self.scorers[spec.key] = PriceScorer(tok, max_price=self.splits.max_price,
+                                                 batch_size=cfg.scoring.batch_size, method=cfg.scoring.method,
+                                                 top_k=cfg.scoring.top_k)
         self.device = models.pick_device(self.opts.device)
         self.out_root = Path(cfg.study.output_dir) / self.study_name
-        self.tokenizer = models.load_tokenizer(self.resolved)
-        self.scorer = PriceScorer(self.tokenizer, max_price=self.splits.max_price, batch_size=cfg.scoring.batch_size,
-                                  method=cfg.scoring.method, top_k=cfg.scoring.top_k)
         truths = [e.price for e in self.splits.test]
         if "median" not in baselines(self.study):
             set_baseline(self.study, "median", {**constant_baseline(self.splits.train_median, truths),
@@ -239,31 +275,37 @@ class Worker:
     # -- the loop -----------------------------------------------------------------------------------------------
     def run(self) -> WorkerReport:
         report = WorkerReport(self.study_name)
-        t0 = time.time()
+        self._t0 = time.time()
         self.heartbeat = Heartbeat(self.storage, self.cfg.study.heartbeat_interval)
         self.stopper.install()
+        self._pending: Prepared | None = None
         try:
-            while not self.stopper.requested:
-                if self.opts.timeout is not None and time.time() - t0 > self.opts.timeout:
-                    self.reporter.message(f"timeout reached ({self.opts.timeout:.0f} s): no new trials")
-                    break
-                got = self._acquire()
-                if got is None:
+            while not self.stopper.requested and not self._timed_out():
+                first = self._pending or self._next()
+                self._pending = None
+                if first is None:
                     if self.opts.wait_for_others and running_elsewhere(self.study, self._mine):
                         # A trial of another worker may still fail and come back as a retry.
                         time.sleep(min(5, self.cfg.study.heartbeat_interval))
                         continue
                     break
-                state = self._run_trial(got)
-                report.ran.append(got.trial.number)
-                report.states[got.trial.number] = state
+                for number, state in self._run_group(first).items():
+                    report.ran.append(number)
+                    report.states[number] = state
+            if self._timed_out():
+                self.reporter.message(f"timeout reached ({self.opts.timeout:.0f} s): no new trials")
             report.interrupted = self.stopper.requested
         finally:
+            if self._pending is not None:  # acquired but never started: give it back untouched
+                self._hand_back(self._pending.got, "not_started", "the worker stopped before it started", None)
             self.stopper.uninstall()
             self.heartbeat.close()
             self.bases.clear()
-            report.seconds = time.time() - t0
+            report.seconds = time.time() - self._t0
         return report
+
+    def _timed_out(self) -> bool:
+        return self.opts.timeout is not None and time.time() - self._t0 > self.opts.timeout
 
     def _acquire(self) -> Acquired | None:
         """A trial waiting in the queue (a retry, or one enqueued by hand), else a fresh one if a budget slot is
@@ -307,73 +349,138 @@ class Worker:
                 continue
         return None
 
-    def _rows_for(self, max_length: int):
-        if max_length not in self._encoded:
-            self._encoded[max_length] = encode(self.tokenizer, self.splits.train, max_length)
-        return self._encoded[max_length]
+    def _rows_for(self, model: str, max_length: int):
+        key = (model, max_length)
+        if key not in self._encoded:
+            self._encoded[key] = encode(self.tokenizers[model], self.splits.train, max_length)
+        return self._encoded[key]
 
-    def _run_trial(self, got: Acquired) -> str:
-        trial, cfg = got.trial, self.cfg
-        t0 = time.time()
-        job = None
+    def _next(self) -> "Prepared | None":
+        """Acquire a trial and sample its parameters; a trial whose set-up fails is failed here, visibly."""
+        while True:
+            got = self._acquire()
+            if got is None:
+                return None
+            try:
+                return Prepared(got, self._describe(got))
+            except Exception as exc:
+                self._trial_error(got, exc)
+
+    def _describe(self, got: Acquired) -> TrialParams:
+        trial = got.trial
+        params = sample(trial, self.cfg, self.modules)
+        for key, value in (("r", params.r), ("alpha", params.alpha), ("target_set", params.target_set),
+                           ("target_modules_resolved", list(params.target_modules)),
+                           ("effective_batch", params.effective_batch), ("device", self.device),
+                           ("model", params.model)):
+            trial.set_user_attr(key, value)
+        if got.retry_of is not None:
+            trial.set_user_attr("retry_of", got.retry_of)
+        return params
+
+    def _make_run(self, prep: "Prepared", base: models.Base) -> TrialRun:
+        trial, params = prep.got.trial, prep.params
+        trial.set_user_attr("quantization", models.describe_quantization(params.quant_bits, base.dtype))
+        rows, too_long = self._rows_for(params.model, params.max_length)
+        if too_long:
+            trial.set_user_attr("rows_too_long", too_long)
+        job = TrialJob(self, prep.got, params, base, time.time())
+        run = TrialRun(name=f"trial-{trial.number}", params=params, rows=rows,
+                       run_dir=self.out_root / f"trial-{prep.got.root_number:04d}", hooks=job,
+                       eval_every=self.cfg.train.eval_every, checkpoint_every=self.cfg.train.checkpoint_every,
+                       keep_checkpoints=self.cfg.train.keep_checkpoints, overfit_drop=self.cfg.train.overfit_drop,
+                       maximize=self.cfg.study.direction == "maximize")
+        job.run = run
+        return run
+
+    def _run_group(self, first: "Prepared") -> dict[int, str]:
+        """Train `first` and, when co-training, up to K-1 more trials that share its base, taking new trials from
+        the study as places free up. A trial that needs another base waits for the next group."""
+        runs: list[TrialRun] = []
         try:
-            params = sample(trial, cfg, self.modules)
-            trial.set_user_attr("r", params.r)
-            trial.set_user_attr("alpha", params.alpha)
-            trial.set_user_attr("target_set", params.target_set)
-            trial.set_user_attr("target_modules_resolved", list(params.target_modules))
-            trial.set_user_attr("effective_batch", params.effective_batch)
-            trial.set_user_attr("device", self.device)
-            trial.set_user_attr("model", self.resolved.name)
-            if got.retry_of is not None:
-                trial.set_user_attr("retry_of", got.retry_of)
-            base = self.bases.get(self.resolved, params.quant_bits, self.device)
-            trial.set_user_attr("quantization", models.describe_quantization(params.quant_bits, base.dtype))
-            self._ensure_base_baseline(base)
-            rows, too_long = self._rows_for(params.max_length)
-            if too_long:
-                trial.set_user_attr("rows_too_long", too_long)
-            job = TrialJob(self, got, params, base, t0)
-            run = TrialRun(name=f"trial-{trial.number}", params=params, rows=rows,
-                           run_dir=self.out_root / f"trial-{got.root_number:04d}", hooks=job,
-                           eval_every=cfg.train.eval_every, checkpoint_every=cfg.train.checkpoint_every)
-            job.run = run
-            train_group(base, [run], stop=self.stopper, on_done=job.finalize,
-                        gradient_checkpointing=self._checkpointing(params))
-            self._errors_in_a_row = 0
-            return job.state
-        except KeyboardInterrupt:
-            self._hand_back(got, "interrupted", "second signal: stopped at once", None)
-            raise
+            base = self.bases.get(self.resolved[first.params.model], first.params.quant_bits, self.device)
+            self._ensure_base_baseline(base, first.params.model)
+            runs.append(self._make_run(first, base))
         except Exception as exc:
-            # A bug or an infrastructure error, not a property of the trial's parameters: fail it visibly and
-            # go on, but stop the worker if it keeps happening.
-            detail = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
-            self._hand_back(got, "error", detail, None, retry=False)
-            self.reporter.trial_ended(trial.number, "FAIL", {"fail_reason": "error",
-                                                             "fail_detail": f"{type(exc).__name__}: {exc}"})
+            self._trial_error(first.got, exc)
+            return {first.got.trial.number: "FAIL"}
+        capacity = self._group_size(base, first.params)
+
+        def supply(free: int) -> list[TrialRun]:
+            out: list[TrialRun] = []
+            while len(out) < free and self._pending is None and not self.stopper.requested \
+                    and not self._timed_out():
+                nxt = self._next()
+                if nxt is None:
+                    break
+                if (nxt.params.model, nxt.params.quant_bits) != (first.params.model, base.bits):
+                    self._pending = nxt  # needs another base: it starts the next group
+                    break
+                try:
+                    out.append(self._make_run(nxt, base))
+                except Exception as exc:
+                    self._trial_error(nxt.got, exc)
+            runs.extend(out)
+            return out
+
+        try:
+            train_group(base, list(runs), supplier=supply if capacity > 1 else None, stop=self.stopper,
+                        on_done=lambda run: run.hooks.finalize(run), capacity=capacity,
+                        gradient_checkpointing=self.cfg.train.gradient_checkpointing)
+            self._errors_in_a_row = 0
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # the loop failed every trial it held (reason `error`); stop if it repeats
+            self.reporter.message(f"training failed: {type(exc).__name__}: {exc}")
             self._errors_in_a_row += 1
-            if self._errors_in_a_row >= 3 or isinstance(exc, TunerError):
+            if self._errors_in_a_row >= 3:
                 raise
-            return "FAIL"
         finally:
-            self.heartbeat.remove(trial._trial_id)
+            for run in runs:
+                self.heartbeat.remove(run.hooks.trial._trial_id)
+            release_memory(self.device)
+        return {run.hooks.trial.number: run.hooks.state for run in runs}
 
-    def _checkpointing(self, params: TrialParams) -> bool:
-        setting = self.cfg.train.gradient_checkpointing
-        if setting == "auto":
-            return False
-        return bool(setting)
+    def _group_size(self, base: models.Base, params: TrialParams) -> int:
+        """How many trials train together on one base. `auto`: on a GPU, as many as free memory holds by a
+        conservative estimate (at most 16); on the CPU, 2 (measured: no slower per trial than one at a time, and
+        4-bit dequantisation is shared)."""
+        setting = self.cfg.train.cotrain
+        if setting != "auto":
+            return int(setting)
+        if not base.device.startswith("cuda"):
+            return CPU_AUTO_COTRAIN
+        import torch
 
-    def _ensure_base_baseline(self, base: models.Base) -> None:
-        key = f"base_model_{base.bits}bit"
+        free, _ = torch.cuda.mem_get_info(torch.device(base.device))
+        need = estimate_trial_bytes(base.model.config, params)
+        return max(1, min(16, int(free * 0.6 // need)))
+
+    def _trial_error(self, got: Acquired, exc: Exception) -> None:
+        detail = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
+        self._hand_back(got, "error", detail, None, retry=False)
+        self.reporter.trial_ended(got.trial.number, "FAIL", {"fail_reason": "error",
+                                                                "fail_detail": f"{type(exc).__name__}: {exc}"})
+        self.heartbeat.remove(got.trial._trial_id)
+        if isinstance(exc, TunerError):
+            raise exc
+
+    def baseline_key(self, model: str, bits: int) -> str:
+        if self.cfg.model.is_fixed:
+            return f"base_model_{bits}bit"
+        slug = "".join(c if c.isalnum() else "_" for c in model.split(":")[-1].split("/")[-1]).strip("_")
+        return f"base_model_{slug}_{bits}bit"
+
+    def _ensure_base_baseline(self, base: models.Base, model: str) -> None:
+        key = self.baseline_key(model, base.bits)
         if key in baselines(self.study):
             return
-        self.reporter.message(f"scoring the base model ({base.bits}-bit, no fine-tuning) on "
+        self.reporter.message(f"scoring the base model {model} ({base.bits}-bit, no fine-tuning) on "
                               f"{len(self.splits.test)} test rows for the baseline")
-        run = self.scorer.predict(base.model, [e.prompt for e in self.splits.test])
+        run = self.scorers[model].predict(base.model, [e.prompt for e in self.splits.test])
         metrics = price_metrics([p.value for p in run.predictions], [e.price for e in self.splits.test])
         metrics["rows_per_s"] = run.rows_per_s
+        metrics["model"] = model
         set_baseline(self.study, key, metrics)
 
     def _hand_back(self, got: Acquired, reason: str, detail: str, step: int | None, retry: bool = True) -> None:
@@ -428,14 +535,18 @@ class TrialJob:
                           "train/grad_norm": record["grad_norm"], "train/epoch": record["epoch"]}, step=record["step"])
         self.w.reporter.trial_step(self.trial.number, record, run.total_steps)
 
-    def on_evaluate(self, run: TrialRun, step: int) -> bool:
-        rows = self.w.splits.val[: self.w.cfg.train.eval_rows]
-        res = self.w.scorer.predict(self.base.model, [e.prompt for e in rows], adapter=run.name)
+    def on_evaluate(self, run: TrialRun, step: int) -> Evaluation:
+        """The validation subset (every `eval_every` steps) or the whole validation split (at epoch ends and at
+        the end, where it decides which adapter the trial keeps)."""
+        cfg = self.w.cfg
+        at_epoch_end = run.params.epochs > 1 and (step % run.steps_per_epoch == 0 or run.done)
+        rows = self.w.splits.val if at_epoch_end or run.done else self.w.splits.val[: cfg.train.eval_rows]
+        res = self.w.scorers[self.params.model].predict(self.base.model, [e.prompt for e in rows], adapter=run.name)
         metrics = price_metrics([p.value for p in res.predictions], [e.price for e in rows])
-        value = metrics[self.w.cfg.study.objective]
+        value = metrics[cfg.study.objective]
         self.trial.report(value, step)
         self.tracker.log({f"val/{k}": v for k, v in metrics.items() if k != "n"}, step=step)
-        return self.trial.should_prune()
+        return Evaluation(value, prune=not run.done and self.trial.should_prune())
 
     def on_checkpoint(self, run: TrialRun, step: int, path: Path) -> None:
         self.trial.set_user_attr("last_checkpoint_step", step)
@@ -443,7 +554,7 @@ class TrialJob:
     # the end
     def finalize(self, run: TrialRun) -> None:
         trial, w = self.trial, self.w
-        attrs = {**{k: v for k, v in run.stats().items()}, "duration_s": time.time() - self.t0}
+        attrs = {**run.stats(), "duration_s": time.time() - self.t0, **memory_attrs(w.device)}
         attrs["loss_first"] = run.history[0]["loss"] if run.history else None
         attrs["loss_last"] = run.history[-1]["loss"] if run.history else None
         if run.resumed_from_step:
@@ -493,7 +604,7 @@ class TrialJob:
     def _complete(self, run: TrialRun, attrs: dict) -> None:
         w = self.w
         test = w.splits.test
-        res = w.scorer.predict(self.base.model, [e.prompt for e in test], adapter=run.name)
+        res = w.scorers[self.params.model].predict(self.base.model, [e.prompt for e in test], adapter=run.name)
         metrics = price_metrics([p.value for p in res.predictions], [e.price for e in test])
         metrics["off_grammar_rate"] = sum(p.off_grammar_steps > 0 for p in res.predictions) / len(test)
         metrics["score_rows_per_s"] = res.rows_per_s
@@ -510,6 +621,35 @@ class TrialJob:
         attrs.update({k: v for k, v in info.to_attrs().items() if v is not None})
         self._set_attrs(attrs)
         w.study.tell(self.trial, metrics[w.cfg.study.objective])
+
+
+def release_memory(device: str) -> None:
+    """Between trials: collect the trial's tensors, give CUDA's cached blocks back, and ask glibc to return freed
+    heap pages, so that a worker running hundreds of trials stays at the size it had after the first."""
+    import ctypes
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def memory_attrs(device: str) -> dict:
+    import psutil
+    import torch
+
+    out = {"rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["cuda_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+    return out
 
 
 def run_worker(cfg: SweepConfig, opts: WorkerOptions, reporter: Reporter | None = None) -> WorkerReport:

@@ -1,0 +1,100 @@
+"""Several epochs: validation at every epoch's end, the best checkpoint kept (not the last), the epoch-boundary
+drop of the training loss flagged with its numbers, and test metrics for the kept adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from conftest import tiny_sweep
+from tuner.config import load_config
+from tuner.space import TrialParams
+from tuner.train import Evaluation, TrialRun, encode, train_one
+from tuner.worker import WorkerOptions, run_worker
+
+
+def params(**kw) -> TrialParams:
+    base = dict(r=8, alpha=16, dropout=0.0, target_set="attention", target_modules=("q_proj", "v_proj"),
+                quant_bits=16, learning_rate=2e-3, epochs=3, batch_size=4, grad_accum=1, max_length=182,
+                optimizer="adamw_torch", scheduler="constant", warmup_ratio=0.0, weight_decay=0.0,
+                max_grad_norm=1.0, seed=3)
+    base.update(kw)
+    return TrialParams(**base)
+
+
+def test_the_best_evaluated_adapter_is_kept_not_the_last(base16, diamonds, tmp_path):
+    rows, _ = encode(base16.tokenizer, diamonds.train[:8], 182)  # 2 steps per epoch, 3 epochs
+    values = iter([3.0, 5.0, 4.0])
+    snapshots = {}
+
+    class Hooks:
+        def on_step(self, run, record):
+            pass
+
+        def on_evaluate(self, run, step):
+            snapshots[step] = run.adapter.state_dict()
+            return Evaluation(next(values))
+
+        def on_checkpoint(self, run, step, path):
+            pass
+
+    final = {}
+    run = TrialRun("e", params(), rows, tmp_path, hooks=Hooks(), checkpoint_every=1)
+    train_one(base16, run, on_done=lambda r: final.update(r.adapter.state_dict()))
+    assert [e["step"] for e in run.evals] == [2, 4, 6] and [e["epoch"] for e in run.evals] == [1, 2, 3]
+    assert run.kept["step"] == 2 and run.kept["epoch"] == 1 and run.kept["last"]["step"] == 6
+    assert all(torch.equal(final[k], snapshots[2][k]) for k in final)
+    assert not all(torch.equal(final[k], snapshots[6][k]) for k in final)
+    # The best one survives checkpoint rotation (the newest three are kept), for `tuner promote --checkpoint`.
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept == ["step-000002", "step-000003", "step-000004", "step-000005"]
+    assert (tmp_path / "checkpoints" / "best.safetensors").is_file()
+
+
+def test_epoch_boundaries_are_measured_and_flagged(base16, diamonds):
+    rows, _ = encode(base16.tokenizer, diamonds.train[:8], 182)
+    run = TrialRun("m", params(epochs=3, learning_rate=5e-3), rows, Path("/unused"))
+    train_one(base16, run)
+    losses = [h["loss"] for h in run.history]
+    bounds = run.epoch_boundaries()
+    assert [b["epoch"] for b in bounds] == [2, 3]
+    for b in bounds:  # one step each side: 2 steps per epoch
+        assert b["loss_before"] == losses[b["step"] - 1] and b["loss_after"] == losses[b["step"]]
+        assert b["drop"] == pytest.approx((b["loss_before"] - b["loss_after"]) / b["loss_before"])
+        assert b["flagged"] == (b["drop"] > 0.15)
+    assert run.stats()["overfit_epochs"] == [b["epoch"] for b in bounds if b["flagged"]]
+
+
+def test_the_flag_is_the_drop_across_the_boundary_not_the_trend():
+    """Ten steps per epoch, means over the five steps each side of a boundary."""
+    run = TrialRun("s", params(epochs=3, batch_size=1), [None] * 10, Path("/unused"))  # 10 steps per epoch
+    smooth = [2.0 - 0.02 * i for i in range(30)]  # steady learning: about 5% across a boundary
+    run.history = [{"loss": v} for v in smooth]
+    assert [b["flagged"] for b in run.epoch_boundaries()] == [False, False]
+    memorised = [2.0] * 10 + [1.2] * 10 + [0.7] * 10  # the rows come round again: sharp drops
+    run.history = [{"loss": v} for v in memorised]
+    bounds = run.epoch_boundaries()
+    assert [b["flagged"] for b in bounds] == [True, True]
+    assert bounds[0]["loss_before"] == 2.0 and bounds[0]["loss_after"] == 1.2 and bounds[0]["drop"] == pytest.approx(0.4)
+
+
+def test_two_epoch_trial_records_kept_checkpoint_and_flag(tmp_path):
+    sweep = tiny_sweep(tmp_path, name="ep", trials=1, train_rows=16, wandb="disabled",
+                       train_extra=", epochs: 2, checkpoint_every: 2, cotrain: 1")
+    url = f"sqlite:///{tmp_path}/s.db"
+    run_worker(load_config(sweep), WorkerOptions(storage_url=url))
+    [t] = optuna.load_study(study_name="ep", storage=url).trials
+    a = t.user_attrs
+    assert t.state == optuna.trial.TrialState.COMPLETE
+    assert [e["step"] for e in a["evaluations"]] == [4, 8] and sorted(t.intermediate_values) == [4, 8]
+    assert a["kept"]["step"] in (4, 8) and a["kept"]["epoch"] in (1, 2)
+    best = min(a["evaluations"], key=lambda e: e["value"])
+    assert a["kept"]["step"] == best["step"]
+    [boundary] = a["epoch_boundaries"]
+    assert boundary["epoch"] == 2 and boundary["loss_before"] > 0 and "drop" in boundary
+    assert a["overfit_epochs"] == ([2] if boundary["flagged"] else [])
+    assert t.value == a["mae"]
+    print(f"\ntwo-epoch run: evaluations {a['evaluations']}; kept {a['kept']}; boundary {boundary}")
