@@ -38,7 +38,8 @@ def dashboard(swept):
     proc = subprocess.Popen(tuner_cmd() + ["dashboard", "--storage", swept.url, "--port", "0"], cwd=swept.root,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
     url, seen, deadline = None, [], time.time() + 120
     while url is None and time.time() < deadline and proc.poll() is None:
         try:
@@ -52,6 +53,7 @@ def dashboard(swept):
     yield url
     proc.terminate()
     assert proc.wait(timeout=30) == 0
+    reader.join(timeout=30)  # every line the command printed before it exited
     rest = []
     while not lines.empty():
         rest.append(lines.get())

@@ -50,7 +50,7 @@ def test_the_model_is_sampled_recorded_and_grouped(tmp_path, tiny_llama):
     run_worker(load_config(sweep), WorkerOptions(storage_url=url))
     study = optuna.load_study(study_name="models", storage=url)
     trials = study.trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, [t.user_attrs for t in trials]
     used = sorted(t.params["model"] for t in trials)
     assert used == sorted(["builtin:smollm2-135m-instruct", str(tiny_llama)])
     for t in trials:

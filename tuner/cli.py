@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -106,16 +107,29 @@ class RichReporter:
 # Tables
 
 
+def _short_model(key: str) -> str:
+    """A local folder by its last component, a Hub id or builtin name as it is (with any @revision)."""
+    name, _, rev = str(key).partition("@")
+    if name.startswith(("/", ".", "~")):
+        name = Path(name).name
+    return name + (f"@{rev}" if rev else "")
+
+
 def trials_table(study, title: str | None = None) -> Table:
     from .study import baselines, trial_rows
 
     objective = study.user_attrs.get("objective", "mae")
     table = Table(title=title or f"study {study.study_name} (objective: {objective}, "
                                  f"{study.direction.name.lower()})", show_lines=False)
-    for col in ("#", "state", "r", "alpha", "dropout", "targets", "bits", "lr", "MAE", "RMSLE", "hits", "time",
-                "note"):
-        table.add_column(col, justify="right" if col not in ("state", "targets", "note") else "left")
-    for row in trial_rows(study):
+    rows = trial_rows(study)
+    # Only a study that samples the model has the "model" param; one fixed model needs no column.
+    with_model = any("model" in row.params for row in rows)
+    cols = ["#", "state"] + (["model"] if with_model else []) + ["r", "alpha", "dropout", "targets", "bits", "lr",
+                                                                 "MAE", "RMSLE", "hits", "time", "note"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("state", "model", "targets", "note") else "right",
+                         no_wrap=col == "model")
+    for row in rows:
         a, p = row.attrs, row.params
         note = ""
         if row.state == "FAIL":
@@ -130,7 +144,8 @@ def trials_table(study, title: str | None = None) -> Table:
             note = (note + " " if note else "") + "overfit"
         state = row.state + (" *" if row.is_best else "")
         style = "bold green" if row.is_best else None
-        table.add_row(str(row.number), state, _fmt(a.get("r")), _fmt(a.get("alpha"), "g"),
+        model = [_short_model(p.get("model", a.get("model", "-")))] if with_model else []
+        table.add_row(str(row.number), state, *model, _fmt(a.get("r")), _fmt(a.get("alpha"), "g"),
                       _fmt(p.get("dropout", a.get("dropout")), ".3f") if "dropout" in p else "fixed",
                       str(a.get("target_set", p.get("target_modules", "-"))),
                       str(p.get("quant_bits", "fixed")),
@@ -139,7 +154,8 @@ def trials_table(study, title: str | None = None) -> Table:
                       _fmt_secs(row.duration_s), note, style=style)
     for key, m in sorted(baselines(study).items()):
         label = {"median": "baseline: train median"}.get(key, f"baseline: {key.replace('_', ' ')}")
-        table.add_row("", label, "", "", "", "", "", "", _fmt_money(m.get("mae")), _fmt(m.get("rmsle"), ".3f"),
+        table.add_row("", label, *([""] if with_model else []), "", "", "", "", "", "", _fmt_money(m.get("mae")),
+                      _fmt(m.get("rmsle"), ".3f"),
                       _fmt(m.get("hit_rate"), ".0%"), "", "", style="dim")
     return table
 

@@ -337,10 +337,19 @@ class ModelSpace(_Strict):
         return next(o for o in self.options if o.key == key)
 
 
+class _SubKeyError(ValueError):
+    """A ValueError that knows the key below the field it was raised for (pydantic keeps it in ctx["error"])."""
+
+    def __init__(self, sub: str, msg: str):
+        super().__init__(msg)
+        self.sub = sub
+
+
 def _model(raw: Any) -> Any:
     """`name`, `{name, revision}`, a list of those, or `{choices: [...]}`."""
     if isinstance(raw, ModelSpace):
         return raw
+    listed = isinstance(raw, list) or (isinstance(raw, dict) and set(raw) == {"choices"})
     if isinstance(raw, dict) and set(raw) == {"choices"}:
         raw = raw["choices"]
     items = raw if isinstance(raw, list) else [raw]
@@ -348,15 +357,21 @@ def _model(raw: Any) -> Any:
         raise ValueError("expected at least one model")
     options = []
     for i, item in enumerate(items):
+        where = f"[{i}]" if listed else ""
         spec = {"name": item} if isinstance(item, str) else item
         if not isinstance(spec, dict):
-            raise ValueError(f"expected a model name or {{name, revision}} at entry {i}, got {item!r}")
+            raise _SubKeyError(where, f"expected a model name or {{name, revision}}, got {item!r}")
         try:
             options.append(ModelSpec(**spec))
         except ValidationError as exc:
             first = exc.errors()[0]
             msg = first["msg"].removeprefix("Value error, ")
-            raise ValueError(f"{msg} (entry {i}: {item!r})") from None
+            sub = where + "".join(f".{p}" for p in first["loc"])
+            if first["type"] == "extra_forbidden":
+                msg = "expected a known key (allowed here: name, revision)"
+            elif not msg.startswith("expected "):
+                msg = f"expected {_expected(first)}, got {first.get('input')!r}"
+            raise _SubKeyError(sub, msg) from None
     keys = [o.key for o in options]
     if len(set(keys)) != len(keys):
         raise ValueError(f"expected distinct models, got {keys}")
@@ -510,6 +525,9 @@ def errors_from(file: str, exc: ValidationError) -> list[ConfigError]:
     for err in exc.errors():
         key = _format_loc(err["loc"]) or None
         msg = err["msg"].removeprefix("Value error, ")
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _SubKeyError):
+            key = f"{key}{cause.sub}"
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(err["loc"][:-1])
             out.append(ConfigError(file, key, f"a known key (unknown key; allowed here: {', '.join(allowed)})"))

@@ -41,6 +41,8 @@ def grid_space(cfg: SweepConfig) -> dict[str, list]:
     from .config import ConfigError
 
     space: dict[str, list] = {}
+    if not cfg.model.is_fixed:
+        space["model"] = cfg.model.keys()
     ranks = cfg.search.r.values()
     if len(ranks) > 1:
         space["r_exp"] = [int(math.log2(r)) for r in ranks]
