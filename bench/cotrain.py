@@ -54,7 +54,7 @@ class Clock:
         return rows / (end - start)
 
 
-def run_ours(base, rows, k: int, args, sync, checkpointing) -> dict:
+def run_ours(base, rows, k: int, args, sync, checkpointing, fused=None) -> dict:
     import torch
 
     from tuner.train import TrialRun, train_group
@@ -65,7 +65,7 @@ def run_ours(base, rows, k: int, args, sync, checkpointing) -> dict:
     runs = [TrialRun(f"bench-{k}-{i}", trial_params(i, args), rows, Path("/nonexistent"), hooks=clock)
             for i in range(k)]
     t = time.perf_counter()
-    train_group(base, runs, gradient_checkpointing=checkpointing)
+    train_group(base, runs, gradient_checkpointing=checkpointing, fused=fused)
     wall = time.perf_counter() - t
     bad = [r.status for r in runs if r.status != "completed"]
     assert not bad, bad
@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--recipe-from", help="take (a) from seed_recipe_gpu.py's results.jsonl instead of running it")
     ap.add_argument("--shape", default=None, help="shape name to look up in --recipe-from (e.g. 8b)")
     ap.add_argument("--skip-recipe", action="store_true")
+    ap.add_argument("--modes", default="auto", help="co-training modes to measure: auto, fused, interleaved "
+                                                   "(comma-separated; auto = fused on CUDA, interleaved on the CPU)")
     args = ap.parse_args()
 
     import torch
@@ -153,16 +155,21 @@ def main() -> None:
     rows, _ = encode(base.tokenizer, splits.train, 182)
     results["b"] = run_ours(base, rows, 1, args, sync, "auto")
     emit({"bench": "cotrain", "variant": "b_single_sized", "k": 1, **results["b"]})
+    modes = [m for m in args.modes.split(",") if m]
     for k in ks:
-        results[f"c{k}"] = run_ours(base, rows, k, args, sync, "auto")
-        emit({"bench": "cotrain", "variant": f"c_cotrain", "k": k, **results[f"c{k}"],
-              "rows_per_s_per_trial": round(results[f"c{k}"]["rows_per_s"] / k, 2)})
+        for mode in modes:
+            key = f"c{k}" + ("" if mode == "auto" else f" {mode}")
+            results[key] = run_ours(base, rows, k, args, sync, "auto",
+                                    fused={"auto": None, "fused": True, "interleaved": False}[mode])
+            emit({"bench": "cotrain", "variant": "c_cotrain", "k": k, "mode": results[key]["execution"]
+                  ["cotrain_mode"], **results[key], "rows_per_s_per_trial": round(results[key]["rows_per_s"] / k, 2)})
     a = results.get("a", {}).get("rows_per_s")
     parts = [f"(a) recipe {a} rows/s" if a else "(a) not run"]
     for key, r in results.items():
         if key == "a":
             continue
-        label = "(b) single" if key == "b" else f"(c) K={key[1:]}"
+        label = "(b) single" if key == "b" else f"(c) K={key[1:]}" + \
+            (f" {r['execution']['cotrain_mode']}" if " " not in key else "")
         ratio = f" = {r['rows_per_s'] / a:.1f}x (a)" if a else ""
         mem = f", peak {r['peak_gb']} GB" if r.get("peak_gb") else ""
         parts.append(f"{label} {r['rows_per_s']} rows/s{ratio}{mem}")

@@ -48,10 +48,12 @@ TRIALS = {
 }
 
 
-@pytest.mark.parametrize("batches", [(4, 4, 4), (4, 2, 4)], ids=["equal-batches", "mixed-batches"])
-def test_cotrained_trial_equals_the_same_trial_alone(base16, diamonds, batches):
-    """fp32 on the CPU. Equal micro-batches take the batched-matmul path, mixed ones the per-segment loop."""
-    rows, _ = encode(base16.tokenizer, diamonds.train[:24], 182)
+@pytest.mark.parametrize("batches,fused", [((4, 4, 4), True), ((4, 2, 4), True), ((4, 2, 4), False)],
+                         ids=["fused-equal-batches", "fused-mixed-batches", "interleaved"])
+def test_cotrained_trial_equals_the_same_trial_alone(base16, diamonds, batches, fused):
+    """fp32 on the CPU. Fused (the GPU's default): equal micro-batches take the batched-matmul path, mixed ones the
+    per-segment loop. Interleaved (the CPU's default): one base pass per trial in the same loop."""
+    rows, _ = encode(base16.tokenizer, diamonds.train[:16], 182)
     specs = {name: TrialParams.from_dict({**p.to_dict(), "batch_size": b})
              for (name, p), b in zip(TRIALS.items(), batches)}
     alone, alone_w = Losses(), {}
@@ -60,9 +62,11 @@ def test_cotrained_trial_equals_the_same_trial_alone(base16, diamonds, batches):
                   on_done=lambda r: alone_w.__setitem__(r.name, r.adapter.state_dict()))
     together, together_w = Losses(), {}
     runs = [TrialRun(name, p, rows, Path("/unused"), hooks=together) for name, p in specs.items()]
-    train_group(base16, runs, on_done=lambda r: together_w.__setitem__(r.name, r.adapter.state_dict()))
+    train_group(base16, runs, on_done=lambda r: together_w.__setitem__(r.name, r.adapter.state_dict()),
+                fused=fused)
     assert all(r.status == "completed" for r in runs)
     assert runs[0].plan.group_size == 3
+    assert runs[0].plan.cotrain_mode == ("fused" if fused else "interleaved")
     for name in specs:
         assert together.by_run[name] == pytest.approx(alone.by_run[name], rel=1e-5, abs=1e-6), name
         # Adam divides by the root of the squared-gradient average, so for weights whose gradient is near zero
@@ -73,7 +77,8 @@ def test_cotrained_trial_equals_the_same_trial_alone(base16, diamonds, batches):
     assert together.by_run["a"] != pytest.approx(together.by_run["b"], rel=1e-3)  # they did train differently
 
 
-def test_nan_in_one_trial_fails_that_trial_alone(base16, diamonds):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "interleaved"])
+def test_nan_in_one_trial_fails_that_trial_alone(base16, diamonds, fused):
     rows, _ = encode(base16.tokenizer, diamonds.train[:16], 182)
     seen = Losses()
 
@@ -85,7 +90,7 @@ def test_nan_in_one_trial_fails_that_trial_alone(base16, diamonds):
 
     bad = Poisoned("bad", TRIALS["a"], rows, Path("/unused"), hooks=seen)
     good = TrialRun("good", TRIALS["b"], rows, Path("/unused"), hooks=seen)
-    train_group(base16, [bad, good])
+    train_group(base16, [bad, good], fused=fused)
     assert bad.status == "failed" and bad.error.reason == "nan_loss"
     assert good.status == "completed" and len(seen.by_run["good"]) == 4
     alone = Losses()

@@ -15,9 +15,9 @@ from tuner.worker import WorkerOptions, run_worker
 def test_median_pruner_stops_bad_trials_and_keeps_their_curves(tmp_path):
     # A grid over one good and three hopeless learning rates: whatever the order, a hopeless trial that runs after
     # the good one is worse than the median at its first evaluation and is pruned there.
+    # One trial at a time (cotrain 1): the argument above needs the good trial's curve before a hopeless one's.
     sweep = tiny_sweep(tmp_path, name="prune", trials=4, train_rows=32, wandb="disabled",
-                       train_extra=", eval_every: 2, eval_rows: 8",
-                       extra="")
+                       train_extra=", eval_every: 2, eval_rows: 8, cotrain: 1")
     text = sweep.read_text().replace("learning_rate: {low: 1.0e-3, high: 3.0e-3, log: true}",
                                      "learning_rate: {choices: [3.0e-3, 1.0e-7, 2.0e-7, 3.0e-7]}")
     text = text.replace("r: {min: 8, max: 16}", "r: 8").replace("dropout: {low: 0.0, high: 0.1}", "dropout: 0.0")

@@ -31,6 +31,8 @@ STORE_ATTR = "artifact_store"
 ADAPTER_ATTR = "adapter_artifact_id"
 PREDICTIONS_ATTR = "predictions_artifact_id"
 SCATTER_ATTR = "scatter_artifact_id"
+CHECKPOINTS_ATTR = "checkpoints_artifact_id"  # one archive: step-000020/, step-000040/, ... each an adapter folder
+CHECKPOINT_STEPS_ATTR = "checkpoint_steps"  # the steps in that archive
 INFO_FILE = "tuner.json"
 INFO_FORMAT = "tuner-adapter/1"
 # What identifies a base model's architecture; an adapter only fits a base that agrees on all of them.
@@ -103,6 +105,7 @@ class AdapterInfo(BaseModel):
     data: dict[str, Any]
     study: str
     trial: int
+    checkpoint_step: int | None = None  # set on a training checkpoint; None on the trial's kept adapter
 
     @property
     def bits(self) -> int:
@@ -282,7 +285,8 @@ def save_trial_artifacts(trial: optuna.Trial, study: optuna.Study, store_dir: Pa
 
 
 def artifact_id(trial: optuna.trial.FrozenTrial, attr: str) -> str:
-    what = {ADAPTER_ATTR: "adapter", PREDICTIONS_ATTR: "predictions", SCATTER_ATTR: "scatter chart"}[attr]
+    what = {ADAPTER_ATTR: "adapter", PREDICTIONS_ATTR: "predictions", SCATTER_ATTR: "scatter chart",
+            CHECKPOINTS_ATTR: "checkpoints"}[attr]
     value = trial.user_attrs.get(attr)
     if not value:
         raise ArtifactError(f"trial {trial.number} has no {what} artifact recorded ({attr} is not set)")
@@ -315,3 +319,49 @@ def extract_adapter(store, trial: optuna.trial.FrozenTrial, dest: Path) -> Path:
             raise ArtifactError(f"trial {trial.number}: the adapter archive has no {needed}")
     return dest
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training checkpoints (`tuner promote --checkpoint STEP`)
+
+
+def checkpoint_adapters(checkpoint_root: Path, prefix: str = "step-") -> dict[int, Path]:
+    """Step -> adapter folder of every complete checkpoint a trial still has on disk."""
+    out = {}
+    for folder in sorted(Path(checkpoint_root).glob(f"{prefix}*")):
+        adapter = folder / "adapter"
+        if (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file():
+            out[int(folder.name.removeprefix(prefix))] = adapter
+    return out
+
+
+def save_checkpoints_artifact(trial: optuna.Trial, store_dir: Path, adapters: dict[int, Path],
+                              info: AdapterInfo) -> dict:
+    """The trial's retained checkpoints as one archive in the store (the run folder is local to the machine that
+    trained; the store is what every machine of a study shares). Each carries its own `tuner.json`."""
+    if not adapters:
+        return {CHECKPOINT_STEPS_ATTR: []}
+    store = open_store(store_dir)
+    with tempfile.TemporaryDirectory(prefix="tuner-checkpoints-") as tmp:
+        staged = Path(tmp) / "checkpoints"
+        for step, folder in sorted(adapters.items()):
+            dest = staged / f"step-{step:06d}"
+            shutil.copytree(folder, dest)
+            info.model_copy(update={"checkpoint_step": step}).write(dest)
+        archive = zip_folder(staged, Path(tmp) / f"trial-{trial.number}-checkpoints.zip")
+        aid = optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(archive), study_or_trial=trial,
+                                               mimetype="application/zip")
+    return {CHECKPOINTS_ATTR: aid, CHECKPOINT_STEPS_ATTR: sorted(adapters)}
+
+
+def extract_checkpoint(store, trial: optuna.trial.FrozenTrial, step: int, dest: Path) -> Path:
+    """One checkpoint's adapter folder (with its `tuner.json`) into `dest`, which must not exist."""
+    dest = Path(dest)
+    with tempfile.TemporaryDirectory(prefix="tuner-checkpoint-") as tmp:
+        archive = fetch(store, trial, CHECKPOINTS_ATTR, Path(tmp) / "checkpoints.zip")
+        unzip_folder(archive, Path(tmp) / "all")
+        folder = Path(tmp) / "all" / f"step-{step:06d}"
+        if not folder.is_dir():
+            raise ArtifactError(f"trial {trial.number}: the checkpoints archive has no step {step}")
+        shutil.copytree(folder, dest)
+    return dest

