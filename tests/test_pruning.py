@@ -13,13 +13,14 @@ from tuner.worker import WorkerOptions, run_worker
 
 
 def test_median_pruner_stops_bad_trials_and_keeps_their_curves(tmp_path):
-    # A grid over one good and three hopeless learning rates: whatever the order, a hopeless trial that runs after
-    # the good one is worse than the median at its first evaluation and is pruned there.
-    # One trial at a time (cotrain 1): the argument above needs the good trial's curve before a hopeless one's.
+    # A grid over one good and three hopeless learning rates, one trial at a time (cotrain 1). The grid sampler's
+    # seeded order puts the good one (listed third) first; each hopeless trial is then worse than the median of the
+    # completed trials at its first evaluation and is pruned there. Step 4, not 2: by step 2 the good trial has
+    # not yet moved its validation MAE.
     sweep = tiny_sweep(tmp_path, name="prune", trials=4, train_rows=32, wandb="disabled",
-                       train_extra=", eval_every: 2, eval_rows: 8, cotrain: 1")
+                       train_extra=", eval_every: 4, eval_rows: 8, cotrain: 1")
     text = sweep.read_text().replace("learning_rate: {low: 1.0e-3, high: 3.0e-3, log: true}",
-                                     "learning_rate: {choices: [3.0e-3, 1.0e-7, 2.0e-7, 3.0e-7]}")
+                                     "learning_rate: {choices: [1.0e-7, 2.0e-7, 5.0e-3, 3.0e-7]}")
     text = text.replace("r: {min: 8, max: 16}", "r: 8").replace("dropout: {low: 0.0, high: 0.1}", "dropout: 0.0")
     text = text.replace("target_modules: {choices: [attention, attention+mlp]}", "target_modules: attention")
     text = text.replace("study: {name: prune,", "study: {sampler: {type: grid, seed: 0}, "
@@ -28,18 +29,21 @@ def test_median_pruner_stops_bad_trials_and_keeps_their_curves(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     run_worker(load_config(sweep), WorkerOptions(storage_url=url))
     study = optuna.load_study(study_name="prune", storage=url)
-    states = [t.state for t in study.trials]
-    assert len(states) == 4 and TrialState.PRUNED in states and TrialState.COMPLETE in states, states
-    for t in study.trials:
+    trials = study.trials
+    assert trials[0].params["learning_rate"] == 5.0e-3, "the grid's seeded order changed"
+    states = [t.state for t in trials]
+    assert states == [TrialState.COMPLETE] + [TrialState.PRUNED] * 3, [(t.state, t.intermediate_values)
+                                                                       for t in trials]
+    for t in trials:
         assert t.intermediate_values, t.number
         if t.state == TrialState.PRUNED:
             stop = t.user_attrs["pruned_at_step"]
-            assert stop == max(t.intermediate_values) and t.user_attrs["steps"] == stop < 8
+            assert stop == max(t.intermediate_values) == 4 and t.user_attrs["steps"] == 4
             # Optuna keeps a pruned trial's last intermediate value as its value; it is never scored on test.
             assert t.value == t.intermediate_values[stop] and "mae" not in t.user_attrs
-            assert t.params["learning_rate"] < 1e-6
+            assert t.value > trials[0].intermediate_values[4]
         else:
-            assert sorted(t.intermediate_values) == [2, 4, 6, 8] and t.user_attrs["steps"] == 8
+            assert sorted(t.intermediate_values) == [4, 8] and t.user_attrs["steps"] == 8
             assert t.value == t.user_attrs["mae"]  # the objective is the test split's, not the last validation
 
 
