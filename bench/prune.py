@@ -1,7 +1,8 @@
 """Pruning: the same seeded study with and without a pruner on the embedded default, in one run. Prints the
 optimizer steps each spent and the best value each found; the last line is the summary.
 
-  python bench/prune.py                                  # CPU: sweeps/default.yaml, 8 trials each (about 40 min)
+  python bench/prune.py                                  # CPU: sweeps/default.yaml, 8 trials each (30-40 min)
+  python bench/prune.py --trials 6 --train-rows 160 --eval-every 5 --min-resource 5   # shorter trials
   python bench/prune.py --model random:1b --device cuda  # the same on a GPU
 """
 
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--min-resource", type=int, default=10)
     ap.add_argument("--model", default=None, help="override the sweep's model: builtin, a folder or random:SHAPE")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--train-rows", type=int, default=None, help="override data.train_rows (shorter trials)")
     args = ap.parse_args()
 
     base = yaml.safe_load(Path(args.sweep).read_text())
@@ -54,6 +56,8 @@ def main() -> None:
     base.setdefault("tracking", {})["wandb"] = {"mode": "disabled"}
     base.setdefault("train", {})["eval_every"] = args.eval_every
     base["train"]["eval_rows"] = min(base.get("data", {}).get("val_rows", 64), 32)
+    if args.train_rows:
+        base.setdefault("data", {})["train_rows"] = args.train_rows
     if args.model:
         base["model"] = {"name": resolve(args.model).path}
     with tempfile.TemporaryDirectory() as tmp:

@@ -563,10 +563,11 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
             run._optimizer = run._scheduler = None
 
     def set_checkpointing(on: bool) -> None:
+        # transformers 5 renamed gradient to activation checkpointing (the old names warn on every call)
         if on:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
         group["checkpointing"] = on
 
     set_checkpointing(group["checkpointing"])
