@@ -288,17 +288,22 @@ def _check_checkpoint(trial: FrozenTrial, step: int) -> None:
                            f"saved: {listed}")
 
 
-def _refuse_existing_tag(repo: str, tag: str, token: str) -> None:
+def _tags(repo: str, token: str) -> dict[str, str]:
+    """Tag -> commit of a Hub repository; none for a repository that does not exist yet."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     try:
         refs = HfApi(token=token).list_repo_refs(repo)
     except RepositoryNotFoundError:
-        return  # a new repository has no tags
+        return {}
     except HfHubHTTPError as exc:
         raise _hub_error(exc, f"list the tags of {repo}") from None
-    taken = {t.name: t.target_commit for t in refs.tags}
+    return {t.name: t.target_commit for t in refs.tags}
+
+
+def _refuse_existing_tag(repo: str, tag: str, token: str) -> None:
+    taken = _tags(repo, token)
     if tag in taken:
         raise PromoteError(f"{repo} already has tag {tag} (commit {taken[tag]}): this checkpoint was promoted there "
                            "before (nothing was uploaded)")
@@ -368,20 +373,11 @@ def checkpoint_card(info: AdapterInfo, repo: str, step: int) -> str:
 def push_checkpoint(adapter_dir: Path, info: AdapterInfo, repo: str, *, token: str) -> str:
     """One commit to the private repository `repo`, tagged `step-{S}`; returns its commit id. A step that is
     tagged already (pushed before the trial was interrupted and resumed) is not pushed again."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-
     step = int(info.checkpoint_step)
     tag = f"step-{step}"
-    try:
-        refs = HfApi(token=token).list_repo_refs(repo)
-        done = {t.name: t.target_commit for t in refs.tags}
-        if tag in done:
-            return done[tag]
-    except RepositoryNotFoundError:
-        pass
-    except HfHubHTTPError as exc:
-        raise _hub_error(exc, f"list the tags of {repo}") from None
+    done = _tags(repo, token)
+    if tag in done:
+        return done[tag]
     with tempfile.TemporaryDirectory(prefix="tuner-push-") as tmp:
         folder = Path(tmp) / "adapter"
         shutil.copytree(adapter_dir, folder)
