@@ -66,7 +66,9 @@ def build_random(shape: str) -> str:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     path = Path(tempfile.gettempdir()) / f"model_{shape}"
-    if (path / "config.json").is_file():
+    # save_pretrained writes config.json first: a save cut short by a timeout leaves a folder without weights
+    if (path / "config.json").is_file() and (list(path.glob("*.safetensors.index.json"))
+                                             or (path / "model.safetensors").is_file()):
         return str(path)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
     tok.pad_token = tok.pad_token or tok.eos_token

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU benches in one device call, in the order that matters if time runs out:
-#   1. the original recipe's trial and scoring loops (../shared/bench/seed_recipe_gpu.py, the baseline, 8B shape)
+# Everything the GPU machine is needed for, in one device call (a session has about 15 minutes of it), in the order
+# that matters if time runs out:
+#   1. the original recipe's trial (../shared/bench/seed_recipe_gpu.py, the baseline, 8B shape)
 #   2. tuner's scorer against the one-row loop (bench/score.py)
 #   3. tuner's single trial with sized steps and co-training K = 4, 8, 16 (bench/cotrain.py)
-# Part two (`bench/gpu.sh e2e`) is a real `tuner run` on CUDA with the 8B recipe's settings.
+#   4. a real `tuner run` on CUDA with the 8B recipe's settings, the study in SQLite
+# `bench/gpu.sh bench` runs 1-3 only, `bench/gpu.sh e2e` 4 only (on a warm machine that already has the model).
+# The carried transformers and peft are the versions pyproject pins (the machine's own transformers is older).
 # Needs, carried into the checkout: .whl/ (bitsandbytes, trl, datasets, dill, multiprocess, optuna and its needs,
 # pydantic, sqlalchemy) and .gpu/bench/ (a copy of ../shared/bench: the seed script, its data and tokenizer).
 set -u
@@ -20,21 +23,24 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export TUNER_BENCH_TOKENIZER=$PWD/.gpu/bench/tok TUNER_BENCH_DATA=$PWD/.gpu/bench/data TUNER_CACHE=/tmp/tuner-cache
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/timeline.txt"; }
 
-if [ "${1:-bench}" = "bench" ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt" || true
-  python3 -c "import torch, transformers, peft, trl, bitsandbytes; print(torch.__version__, transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
-  log "seed recipe 8b"
-  timeout "${SEED_S:-230}" python3 .gpu/bench/seed_recipe_gpu.py --plan "$SHAPE:seed4" --steps 25 > "$OUT/seed.log" 2>&1
+MODE=${1:-all}
+if [ "$MODE" != "e2e" ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/timeline.txt" || true
+  python3 -c "import torch, transformers, peft, trl, bitsandbytes; print(torch.__version__, transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__version__)" | tee -a "$OUT/timeline.txt"
+  log "seed recipe $SHAPE"
+  # --no-score: bench/score.py runs the recipe's one-row scoring loop itself, on the same model
+  timeout "${SEED_S:-160}" python3 .gpu/bench/seed_recipe_gpu.py --plan "$SHAPE:seed4" --steps 25 --no-score > "$OUT/seed.log" 2>&1
   log "seed done ($?)"; tail -5 "$OUT/seed.log"
   log "tuner scorer"
-  timeout "${SCORE_S:-130}" python3 bench/score.py --model "random:$SHAPE" --device "$DEVICE" \
+  timeout "${SCORE_S:-100}" python3 bench/score.py --model "random:$SHAPE" --device "$DEVICE" \
     --batch "${SCORE_BATCH:-256}" --rows "${SCORE_ROWS:-768}" --one-row-rows 24 > "$OUT/score.log" 2>&1
   log "score done ($?)"; tail -3 "$OUT/score.log"
   log "tuner training: single sized + co-training"
-  timeout "${COTRAIN_S:-200}" python3 bench/cotrain.py --model "random:$SHAPE" --device "$DEVICE" --ks "${KS:-4,8,16}" \
+  timeout "${COTRAIN_S:-150}" python3 bench/cotrain.py --model "random:$SHAPE" --device "$DEVICE" --ks "${KS:-4,8,16}" \
     --steps 8 --warmup 3 --recipe-from "$OUT/results.jsonl" --shape "$SHAPE" > "$OUT/cotrain.log" 2>&1
   log "cotrain done ($?)"; tail -3 "$OUT/cotrain.log"
-else
+fi
+if [ "$MODE" != "bench" ]; then
   log "tuner run on CUDA"
   python3 - <<'PY'
 import os, yaml
@@ -50,10 +56,11 @@ cfg["scoring"]["batch_size"] = 128
 cfg["tracking"] = {"wandb": {"mode": "disabled"}}
 yaml.safe_dump(cfg, open("/tmp/gpu-e2e.yaml", "w"))
 PY
-  rm -f /tmp/gpu-e2e.db*
-  timeout "${E2E_S:-400}" python3 -m tuner.cli run /tmp/gpu-e2e.yaml --storage sqlite:////tmp/gpu-e2e.db --device "$DEVICE" \
+  rm -rf /tmp/gpu-e2e.db* /tmp/gpu-runs
+  timeout "${E2E_S:-140}" python3 -m tuner.cli run /tmp/gpu-e2e.yaml --storage sqlite:////tmp/gpu-e2e.db --device "$DEVICE" \
     > "$OUT/e2e.log" 2>&1
   log "e2e done ($?)"; tail -15 "$OUT/e2e.log"
-  python3 -m tuner.cli best gpu-e2e --storage sqlite:////tmp/gpu-e2e.db > "$OUT/e2e-best.log" 2>&1
-  grep -E "execution|rows_per_s|mae|device|quantization|cuda_peak" "$OUT/e2e-best.log" | head -20
+  python3 -m tuner.cli best gpu-e2e --storage sqlite:////tmp/gpu-e2e.db >> "$OUT/e2e.log" 2>&1
+  python3 -m tuner.cli status gpu-e2e --storage sqlite:////tmp/gpu-e2e.db >> "$OUT/e2e.log" 2>&1
+  grep -E "execution|rows_per_s|mae|device|quantization|cuda_peak" "$OUT/e2e.log" | tail -20
 fi

@@ -36,6 +36,7 @@ def test_median_pruner_stops_bad_trials_and_keeps_their_curves(tmp_path):
                                                                        for t in trials]
     for t in trials:
         assert t.intermediate_values, t.number
+        assert "fail_reason" not in t.user_attrs, (t.number, t.user_attrs.get("fail_detail"))  # the grid's last tell
         if t.state == TrialState.PRUNED:
             stop = t.user_attrs["pruned_at_step"]
             assert stop == max(t.intermediate_values) == 4 and t.user_attrs["steps"] == 4

@@ -4,6 +4,7 @@ suggested, and a changed sweep is recognised."""
 from __future__ import annotations
 
 import optuna
+import pytest
 
 from tuner.config import parse_config
 from tuner.space import sample, signature_diff, space_signature
@@ -51,3 +52,30 @@ def test_signature_diff_names_what_changed():
     diff = signature_diff(a, b)
     assert "r: [8, 64] -> [8, 32]" in diff and "train.epochs: \"1\" -> \"2\"" in diff
     assert signature_diff(a, a) == []
+
+
+def test_tell_on_the_last_grid_point_outside_optimize(tmp_path):
+    """GridSampler stops the study when its grid is used up, and Optuna's stop() raises outside optimize(): the last
+    trial of every grid sweep was reported as a failure although its state was written."""
+    from optuna.trial import TrialState
+
+    from tuner.study import tell
+
+    storage = f"sqlite:///{tmp_path / 'grid.db'}"
+    grid = {"x": [1, 2]}
+    plain = optuna.create_study(storage=storage, study_name="plain", sampler=optuna.samplers.GridSampler(grid))
+    trials = [plain.ask() for _ in range(2)]
+    for t in trials:
+        t.suggest_categorical("x", [1, 2])
+    plain.tell(trials[0], 1.0)
+    with pytest.raises(RuntimeError, match="Study.stop"):
+        plain.tell(trials[1], 2.0)
+
+    study = optuna.create_study(storage=storage, study_name="tuner", sampler=optuna.samplers.GridSampler(grid))
+    trials = [study.ask() for _ in range(2)]
+    for t in trials:
+        t.suggest_categorical("x", [1, 2])
+    tell(study, trials[0], 1.0)
+    tell(study, trials[1], state=TrialState.PRUNED)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert not study._thread_local.in_optimize_loop

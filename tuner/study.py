@@ -134,6 +134,20 @@ class TrialRow:
         return self.attrs.get(key, default)
 
 
+def tell(study: optuna.Study, trial, values=None, state: TrialState | None = None, **kwargs) -> None:
+    """`study.tell` for trials run outside `study.optimize` (all of tuner's). GridSampler.after_trial calls
+    `study.stop()` once the grid is used up, and `stop()` raises outside `optimize()`; Optuna writes the trial's state
+    regardless (in a `finally`), so the exception would report a finished trial as failed. Worker loops stop on
+    their own budget, so marking the tell as "inside the loop" only lets `stop()` set its flag."""
+    local = study._thread_local
+    inside = local.in_optimize_loop
+    local.in_optimize_loop = True
+    try:
+        study.tell(trial, values, state=state, **kwargs)
+    finally:
+        local.in_optimize_loop = inside
+
+
 def trial_rows(study: optuna.Study) -> list[TrialRow]:
     best = best_trial(study)
     rows = []

@@ -27,7 +27,7 @@ from .data import Splits, load_splits
 from .errors import Interrupted, TrialFailure, TunerError
 from .scoring import PriceScorer, constant_baseline, price_metrics
 from .space import TrialParams, sample
-from .study import baselines, open_study, running_elsewhere, set_baseline
+from .study import baselines, open_study, running_elsewhere, set_baseline, tell
 from .tracking import TrialTracker
 from .train import Evaluation, TrialRun, encode, train_group
 
@@ -503,7 +503,7 @@ class Worker:
             trial.set_user_attr("fail_detail", detail[-2000:])
             if step is not None:
                 trial.set_user_attr("checkpoint_step", step)
-            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            tell(self.study, trial, state=TrialState.FAIL, skip_if_finished=True)
             if retry:
                 self.retry(self.study, self.study._storage.get_trial(trial._trial_id))
         except Exception:  # storage unreachable while stopping: the heartbeat grace period will fail it instead
@@ -600,7 +600,7 @@ class TrialJob:
                 self._set_attrs(attrs)
                 self.tracker.summary({"state": "pruned", "pruned_at_step": run.step})
                 self.tracker.finish()
-                w.study.tell(trial, state=TrialState.PRUNED)
+                tell(w.study, trial, state=TrialState.PRUNED)
                 self.state = "PRUNED"
             elif run.status == "interrupted":
                 step = run.error.checkpoint_step if isinstance(run.error, Interrupted) else None
@@ -616,13 +616,13 @@ class TrialJob:
                 self._set_attrs(attrs)
                 self.tracker.summary({"state": "failed", "fail_reason": reason})
                 self.tracker.finish(exit_code=1)
-                w.study.tell(trial, state=TrialState.FAIL)
+                tell(w.study, trial, state=TrialState.FAIL)
                 self.state = "FAIL"
         except Exception as exc:  # the trial's outcome could not be written in full: it is not COMPLETE
             attrs.update(fail_reason="finalize_error", fail_detail=f"{type(exc).__name__}: {exc}")
             try:
                 self._set_attrs(attrs)
-                w.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                tell(w.study, trial, state=TrialState.FAIL, skip_if_finished=True)
             except Exception:
                 pass
             self.state = "FAIL"
@@ -654,7 +654,7 @@ class TrialJob:
         info = self.tracker.finish()
         attrs.update({k: v for k, v in info.to_attrs().items() if v is not None})
         self._set_attrs(attrs)
-        w.study.tell(self.trial, metrics[w.cfg.study.objective])
+        tell(w.study, self.trial, metrics[w.cfg.study.objective])
 
 
 def release_memory(device: str) -> None:
