@@ -113,6 +113,29 @@ def run_recipe(resolved, splits, args) -> dict:
     return {"rows_per_s": round(args.batch / med, 2), "s_per_step_med": round(med, 4)}
 
 
+def profile(base, rows, args, sync) -> None:
+    """Where a co-training step's time goes: operators by device time, and kernel launches per step."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if base.device.startswith("cuda") else [])
+    with torch_profile(activities=acts) as prof:
+        run_ours(base, rows, args.profile_k, args, sync, "auto")
+    steps = args.steps + args.warmup
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                     "cudaMemcpyAsync"))
+    sort = "self_cuda_time_total" if base.device.startswith("cuda") else "self_cpu_time_total"
+    text = (f"profile K={args.profile_k}, {steps} steps: {launches / steps:.0f} kernel launches and "
+            f"{syncs / steps:.0f} copies/syncs per step\n" + events.table(sort_by=sort, row_limit=25))
+    print(text, flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "profile.txt").write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="builtin")
@@ -125,6 +148,8 @@ def main() -> None:
     ap.add_argument("--recipe-from", help="take (a) from seed_recipe_gpu.py's results.jsonl instead of running it")
     ap.add_argument("--shape", default=None, help="shape name to look up in --recipe-from (e.g. 8b)")
     ap.add_argument("--skip-recipe", action="store_true")
+    ap.add_argument("--profile-k", type=int, default=0, help="after the measurements, profile one group of this size "
+                                                              "(torch.profiler; a table to $OUT/profile.txt)")
     ap.add_argument("--modes", default="auto", help="co-training modes to measure: auto, fused, interleaved "
                                                    "(comma-separated; auto = fused on CUDA, interleaved on the CPU)")
     args = ap.parse_args()
@@ -163,6 +188,8 @@ def main() -> None:
                                     fused={"auto": None, "fused": True, "interleaved": False}[mode])
             emit({"bench": "cotrain", "variant": "c_cotrain", "k": k, "mode": results[key]["execution"]
                   ["cotrain_mode"], **results[key], "rows_per_s_per_trial": round(results[key]["rows_per_s"] / k, 2)})
+    if args.profile_k:
+        profile(base, rows, args, sync)
     a = results.get("a", {}).get("rows_per_s")
     parts = [f"(a) recipe {a} rows/s" if a else "(a) not run"]
     for key, r in results.items():

@@ -5,7 +5,8 @@
 #   2. tuner's scorer against the one-row loop (bench/score.py)
 #   3. tuner's single trial with sized steps and co-training K = 4, 8, 16 (bench/cotrain.py)
 #   4. a real `tuner run` on CUDA with the 8B recipe's settings, the study in SQLite
-# `bench/gpu.sh bench` runs 1-3 only, `bench/gpu.sh e2e` 4 only (on a warm machine that already has the model).
+# `bench/gpu.sh bench` runs 1-3 only, `bench/gpu.sh e2e` 4 only (on a warm machine that already has the model);
+# PARTS=seed,cotrain,e2e (say) leaves the others out.
 # The carried transformers and peft are the versions pyproject pins (the machine's own transformers is older).
 # Needs, carried into the checkout: .whl/ (bitsandbytes, trl, datasets, dill, multiprocess, optuna and its needs,
 # pydantic, sqlalchemy) and .gpu/bench/ (a copy of ../shared/bench: the seed script, its data and tokenizer).
@@ -24,23 +25,25 @@ export TUNER_BENCH_TOKENIZER=$PWD/.gpu/bench/tok TUNER_BENCH_DATA=$PWD/.gpu/benc
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/timeline.txt"; }
 
 MODE=${1:-all}
+PARTS=${PARTS:-seed,score,cotrain,e2e}
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
 if [ "$MODE" != "e2e" ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/timeline.txt" || true
   python3 -c "import torch, transformers, peft, trl, bitsandbytes; print(torch.__version__, transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__version__)" | tee -a "$OUT/timeline.txt"
-  log "seed recipe $SHAPE"
+  want seed && log "seed recipe $SHAPE"
   # --no-score: bench/score.py runs the recipe's one-row scoring loop itself, on the same model
-  timeout "${SEED_S:-160}" python3 .gpu/bench/seed_recipe_gpu.py --plan "$SHAPE:seed4" --steps 25 --no-score > "$OUT/seed.log" 2>&1
-  log "seed done ($?)"; tail -5 "$OUT/seed.log"
-  log "tuner scorer"
-  timeout "${SCORE_S:-100}" python3 bench/score.py --model "random:$SHAPE" --device "$DEVICE" \
+  want seed && timeout "${SEED_S:-160}" python3 .gpu/bench/seed_recipe_gpu.py --plan "$SHAPE:seed4" --steps 25 --no-score > "$OUT/seed.log" 2>&1
+  want seed && { log "seed done ($?)"; tail -5 "$OUT/seed.log"; }
+  want score && log "tuner scorer"
+  want score && timeout "${SCORE_S:-100}" python3 bench/score.py --model "random:$SHAPE" --device "$DEVICE" \
     --batch "${SCORE_BATCH:-256}" --rows "${SCORE_ROWS:-768}" --one-row-rows 24 > "$OUT/score.log" 2>&1
-  log "score done ($?)"; tail -3 "$OUT/score.log"
-  log "tuner training: single sized + co-training"
-  timeout "${COTRAIN_S:-150}" python3 bench/cotrain.py --model "random:$SHAPE" --device "$DEVICE" --ks "${KS:-4,8,16}" \
-    --steps 8 --warmup 3 --recipe-from "$OUT/results.jsonl" --shape "$SHAPE" > "$OUT/cotrain.log" 2>&1
-  log "cotrain done ($?)"; tail -3 "$OUT/cotrain.log"
+  want score && { log "score done ($?)"; tail -3 "$OUT/score.log"; }
+  want cotrain && log "tuner training: single sized + co-training"
+  want cotrain && timeout "${COTRAIN_S:-150}" python3 bench/cotrain.py --model "random:$SHAPE" --device "$DEVICE" --ks "${KS:-4,8,16}" \
+    --steps 8 --warmup 3 --profile-k "${PROFILE_K:-16}" --recipe-from "$OUT/results.jsonl" --shape "$SHAPE" > "$OUT/cotrain.log" 2>&1
+  want cotrain && { log "cotrain done ($?)"; tail -3 "$OUT/cotrain.log"; }
 fi
-if [ "$MODE" != "bench" ]; then
+if [ "$MODE" != "bench" ] && want e2e; then
   log "tuner run on CUDA"
   python3 - <<'PY'
 import os, yaml

@@ -40,6 +40,17 @@ class Router:
     # Per adapter: the padded length its rows would have alone. Masks are drawn at that length and left-padded,
     # so an adapter's masks do not depend on longer rows of other adapters in the same batch.
     own_lengths: dict[str, int] = field(default_factory=dict)
+    # Small device tensors that depend only on the batch's layout (row scales, rank-padding indices), built once and
+    # reused by every layer: building one per layer costs a host-to-device copy, which waits for the GPU.
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def cached(self, key, build):
+        value = self._cache.get(key)
+        if value is None:
+            if len(self._cache) > 256:
+                self._cache.clear()
+            value = self._cache[key] = build()
+        return value
 
 
 class LoRAWeights(nn.Module):
@@ -78,20 +89,43 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
-    def _keep_mask(self, shape: torch.Size, name: str, p: float, device, dtype) -> torch.Tensor:
-        """Inverted-dropout mask (0 or 1/(1-p)) for one adapter's rows, from a generator seeded by the adapter's
-        seed, its own forward count and this layer. Drawn at the length the adapter's rows have alone and
-        left-padded, so that longer neighbours in a co-trained batch do not change it."""
-        g = torch.Generator(device=device)
-        tick = self.router.ticks.get(name, 0)
-        g.manual_seed((self.seeds[name] * 1_000_003 + tick * 10_007 + self.layer_id) % (2**63))
-        own = self.router.own_lengths.get(name, shape[1]) if len(shape) == 3 else None
-        if own is not None and own < shape[1]:
-            keep = torch.empty((shape[0], own, shape[2]), device=device, dtype=dtype).bernoulli_(1.0 - p, generator=g)
-            keep = torch.nn.functional.pad(keep, (0, 0, shape[1] - own, 0))
-        else:
-            keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=g)
-        return keep / (1.0 - p)
+    def _dropout_mask(self, xin: torch.Tensor, segs: list) -> torch.Tensor:
+        """Inverted-dropout mask (0 or 1/(1-p)) for every row of the batch. Each adapter's keep pattern comes from a
+        generator seeded by the adapter's seed, its own forward count and this layer, drawn at the length its rows
+        have alone and placed at the right (rows are left-padded), so that longer neighbours in a co-trained batch
+        do not change it. Rows of adapters without dropout keep everything. Two kernels per adapter (draw, place)
+        and two per layer: on a GPU, co-training many trials is bound by kernel launches."""
+        mask = None
+        width = xin.shape[1] if xin.dim() == 3 else None
+        for w, name, s, e in segs:
+            if w.dropout <= 0:
+                continue
+            g = torch.Generator(device=xin.device)
+            tick = self.router.ticks.get(name, 0)
+            g.manual_seed((self.seeds[name] * 1_000_003 + tick * 10_007 + self.layer_id) % (2**63))
+            own = width if width is None else min(self.router.own_lengths.get(name, width), width)
+            shape = (e - s, *xin.shape[1:]) if width is None else (e - s, own, *xin.shape[2:])
+            keep = torch.empty(shape, device=xin.device, dtype=xin.dtype).bernoulli_(1.0 - w.dropout, generator=g)
+            if keep.shape == xin.shape:  # one adapter over the whole batch: the draw is the mask
+                mask = keep
+                break
+            if mask is None:
+                mask = torch.ones_like(xin)
+            if width is None:
+                mask[s:e] = keep
+            else:
+                mask[s:e, width - own:] = keep
+        key = ("row_scale", tuple((s, e, w.dropout) for w, _, s, e in segs), mask.shape[0], mask.dim(),
+               mask.device, mask.dtype)
+
+        def row_scale() -> torch.Tensor:
+            scale = [1.0] * mask.shape[0]
+            for w, _, s, e in segs:
+                if w.dropout > 0:
+                    scale[s:e] = [1.0 / (1.0 - w.dropout)] * (e - s)
+            return torch.tensor(scale, device=mask.device, dtype=mask.dtype).view(-1, *[1] * (mask.dim() - 1))
+
+        return mask.mul_(self.router.cached(key, row_scale))
 
     def _lora_input(self, x: torch.Tensor, w: "LoRAWeights") -> torch.Tensor:
         # fp32 adapters on a bf16 base compute in fp32, as peft does; under autocast (CUDA, bf16) the matmul casts.
@@ -104,43 +138,61 @@ class LoRALinear(nn.Module):
         segs = [(self.adapters[n], n, s, e) for n, s, e in self.router.segments if n in self.adapters]
         if not segs:
             return out
+        xin = self._lora_input(x, segs[0][0])
+        if self.training and any(w.dropout > 0 for w, *_ in segs):
+            xin = xin * self._dropout_mask(xin, segs)
         sizes = {e - s for _, _, s, e in segs}
         if len(segs) > 1 and len(sizes) == 1 and segs[0][2] == 0 and segs[-1][3] == out.shape[0] \
                 and all(a[3] == b[2] for a, b in zip(segs, segs[1:])):
-            return out + self._grouped(x, segs).to(out.dtype)
+            return out + self._grouped(xin, segs).to(out.dtype)
         pieces, covered = [], 0
         for w, name, start, end in segs:
             if start > covered:
                 pieces.append(out.new_zeros((start - covered, *out.shape[1:])))
-            xs = self._lora_input(x[start:end], w)
-            if self.training and w.dropout > 0:
-                xs = xs * self._keep_mask(xs.shape, name, w.dropout, xs.device, xs.dtype)
+            xs = xin[start:end]
             pieces.append(((xs @ w.lora_A.t()) @ w.lora_B.t() * w.scale).to(out.dtype))
             covered = end
         if covered < out.shape[0]:
             pieces.append(out.new_zeros((out.shape[0] - covered, *out.shape[1:])))
         return out + torch.cat(pieces, dim=0)
 
-    def _grouped(self, x: torch.Tensor, segs: list) -> torch.Tensor:
+    def _grouped(self, xin: torch.Tensor, segs: list) -> torch.Tensor:
         """Several adapters over equal, contiguous row segments that cover the batch: two batched matmuls instead
-        of a loop of small ones (a kernel launch each, which is what co-training many trials on a GPU spends its
-        time on otherwise). Ranks differ: A and B are zero-padded to the largest rank, which adds exact zeros."""
-        from torch.nn.utils.rnn import pad_sequence
-
+        of a loop of small ones. Ranks differ: A and B are zero-padded to the largest rank, which adds exact zeros.
+        The padding is one concatenation and one gather per matrix (with index tensors cached per forward), not a
+        copy per adapter: on a GPU, co-training many trials is bound by kernel launches."""
         k = len(segs)
-        xin = self._lora_input(x, segs[0][0])
-        if self.training and any(w.dropout > 0 for w, *_ in segs):
-            mask = torch.ones_like(xin)
-            for w, name, s, e in segs:
-                if w.dropout > 0:
-                    mask[s:e] = self._keep_mask(xin[s:e].shape, name, w.dropout, xin.device, xin.dtype)
-            xin = xin * mask
-        a = pad_sequence([w.lora_A for w, *_ in segs], batch_first=True)  # [k, r_max, in]
-        b = pad_sequence([w.lora_B.t() for w, *_ in segs], batch_first=True)  # [k, r_max, out]
-        scale = torch.tensor([w.scale for w, *_ in segs], device=xin.device, dtype=torch.float32).view(k, 1, 1)
+        ranks = tuple(w.r for w, *_ in segs)
+        r_max = max(ranks)
+        a_list = [w.lora_A for w, *_ in segs]
+        b_list = [w.lora_B for w, *_ in segs]
+        if min(ranks) == r_max:
+            a = torch.stack(a_list)  # [k, r, in]
+            b = torch.stack(b_list).transpose(1, 2)  # [k, r, out]
+        else:
+            ref = a_list[0]
+
+            def gather_index() -> torch.Tensor:
+                # row i*r_max+j of the padded stack is row offset_i+j of the concatenation, or the zero row after it
+                idx, offset = [], 0
+                for r in ranks:
+                    idx += list(range(offset, offset + r)) + [sum(ranks)] * (r_max - r)
+                    offset += r
+                return torch.tensor(idx, device=ref.device)
+
+            idx = self.router.cached(("rank_index", ranks, ref.device), gather_index)
+            zero_a = self.router.cached(("zero_row", ref.shape[1], ref.device, ref.dtype),
+                                        lambda: ref.new_zeros(1, ref.shape[1]))
+            zero_b = self.router.cached(("zero_col", b_list[0].shape[0], ref.device, ref.dtype),
+                                        lambda: ref.new_zeros(b_list[0].shape[0], 1))
+            a = torch.cat(a_list + [zero_a]).index_select(0, idx).view(k, r_max, -1)
+            b = torch.cat(b_list + [zero_b], dim=1).index_select(1, idx).view(-1, k, r_max).permute(1, 2, 0)
+        scale = self.router.cached(("scale", tuple(w.scale for w, *_ in segs), xin.device),
+                                   lambda: torch.tensor([w.scale for w, *_ in segs], device=xin.device,
+                                                        dtype=torch.float32).view(k, 1, 1))
         h = torch.bmm(xin.reshape(k, -1, xin.shape[-1]), a.transpose(1, 2))
         delta = torch.bmm(h, b) * scale
-        return delta.reshape(*x.shape[:-1], delta.shape[-1])
+        return delta.reshape(*xin.shape[:-1], delta.shape[-1])
 
 
 def _linear_types() -> tuple:

@@ -97,15 +97,22 @@ def steps_per_epoch(n_rows: int, params: TrialParams) -> int:
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: str):
-    """Returns (optimizer, implementation note). Paged optimizers page state between GPU and CPU memory; on the CPU
-    there is nothing to page and the update is AdamW's, so torch's AdamW runs and the note says so."""
-    if name == "adamw_torch" or (name == "paged_adamw_32bit" and not device.startswith("cuda")):
-        note = "torch.optim.AdamW" + ("" if name == "adamw_torch" else " (paging is CUDA-only; same update)")
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8), note
+    """Returns (optimizer, implementation note).
+
+    paged_adamw_32bit is AdamW's update with the optimizer state paged to CPU memory under GPU memory pressure, and a
+    LoRA's state is small; torch's AdamW runs it, fused into one kernel per trial on a GPU. bitsandbytes' version
+    launches a kernel and runs Python per parameter tensor (256 of them for q/k/v/o of an 8B model), which is what
+    co-training 16 trials on an H200 spent much of each step on. The note records what ran."""
+    cuda = device.startswith("cuda")
+    if name in ("adamw_torch", "paged_adamw_32bit"):
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                                fused=cuda or None)
+        note = "torch.optim.AdamW" + ("(fused=True)" if cuda else "")
+        if name == "paged_adamw_32bit":
+            note += " (the same update, unpaged: a LoRA's optimizer state is small)"
+        return opt, note
     import bitsandbytes as bnb
 
-    if name == "paged_adamw_32bit":
-        return bnb.optim.PagedAdamW32bit(params, lr=lr, weight_decay=weight_decay), "bnb.optim.PagedAdamW32bit"
     if name == "paged_adamw_8bit":
         if not device.startswith("cuda"):
             return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay), \
@@ -316,12 +323,13 @@ class TrialRun:
         if not math.isfinite(norm_f):
             raise TrialFailure("nan_grad", f"gradient norm {norm_f} at step {self.step + 1}")
         if self.step < 2 or not self._checked_after_eval:
-            dead = []
-            for path, w in self.adapter.weights.items():
-                b_dead = w.lora_B.grad is None or not bool(w.lora_B.grad.any())
-                a_dead = bool(w.lora_B.detach().any()) and (w.lora_A.grad is None or not bool(w.lora_A.grad.any()))
-                if b_dead or a_dead:
-                    dead.append(path)
+            # One transfer for all layers: a bool() per tensor would wait for the GPU 2 x 128 times for an 8B model.
+            zero = torch.zeros((), dtype=torch.bool, device=next(iter(self.adapter.weights.values())).lora_B.device)
+            flags = torch.stack([t for w in self.adapter.weights.values() for t in (
+                zero if w.lora_B.grad is None else w.lora_B.grad.any(), w.lora_B.detach().any(),
+                zero if w.lora_A.grad is None else w.lora_A.grad.any())]).view(-1, 3).tolist()
+            dead = [path for path, (b_grad, b_moved, a_grad) in zip(self.adapter.weights, flags)
+                    if not b_grad or (b_moved and not a_grad)]
             if dead:
                 when = "after an evaluation pass" if not self._checked_after_eval else f"at step {self.step + 1}"
                 raise TrialFailure("zero_grad", f"{len(dead)} of {len(self.adapter.weights)} adapted layers got "
@@ -689,18 +697,17 @@ def _forward_backward(model, router: lora.Router, parts, pad_id: int, device) ->
     logits = out.logits[:, :-1, :].float()
     token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                                  reduction="none").view(labels.shape)
-    total, sums = None, []
-    for (run, _), (_, s, e, _) in zip(parts, segments):
-        loss_sum = token_loss[s:e].sum()
-        value = float(loss_sum.detach())
-        if not math.isfinite(value):
-            sums.append(None)
-            continue
-        sums.append(value)
-        scaled = loss_sum / max(run._step_tokens, 1)
-        total = scaled if total is None else total + scaled
-    if total is not None:
-        total.backward()
+    # Every run's summed loss in one tensor and one transfer: a transfer per run would wait for the GPU each time.
+    seg_of_row = torch.tensor([i for i, (_, s, e, _) in enumerate(segments) for _ in range(s, e)], device=device)
+    seg_sums = token_loss.new_zeros(len(parts)).index_add_(0, seg_of_row, token_loss.sum(dim=1))
+    values = seg_sums.detach().tolist()
+    sums = [v if math.isfinite(v) else None for v in values]
+    if any(v is not None for v in sums):
+        # A run whose loss is not finite gets weight 0 through masked_fill (NaN * 0 would still be NaN), so its
+        # rows send no gradient to anyone; NaN stays inside its own rows, which only its own adapter reads.
+        keep = torch.tensor([v is not None for v in sums], device=device)
+        weights = torch.tensor([1.0 / max(run._step_tokens, 1) for run, _ in parts], device=device)
+        (seg_sums.masked_fill(~keep, 0.0) * weights).sum().backward()
     return sums
 
 
