@@ -167,6 +167,27 @@ def test_corrupt_checkpoint_is_skipped_for_the_previous_one(base16, diamonds, tm
     assert "step-000005" in again.skipped_checkpoints[0]
 
 
+def test_checkpoints_of_an_earlier_study_are_not_resumed(base16, diamonds, tmp_path):
+    """A study deleted and created again under the same name and output folder has the same trial numbers and
+    folders: its trials must start afresh, not resume the old study's adapters, and the old checkpoints must not
+    crowd out the new ones."""
+    rows, _ = encode(base16.tokenizer, diamonds.train[:24], 182)
+    p = params(quant_bits=16, dropout=0.0)
+    old = TrialRun("t", p, rows, tmp_path, checkpoint_every=2, keep_checkpoints=2, owner="s/trial-0/10:00")
+    train_one(base16, old, stop=lambda: old.step >= 5)
+    assert sorted(f.name for f in (tmp_path / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+
+    new = TrialRun("t", p, rows, tmp_path, checkpoint_every=2, keep_checkpoints=2, owner="s/trial-0/11:00")
+    train_one(base16, new, stop=lambda: new.step >= 2)
+    assert new.resumed_from_step == 0
+    assert len(new.skipped_checkpoints) == 2 and "written by s/trial-0/10:00" in new.skipped_checkpoints[0]
+    assert sorted(f.name for f in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
+
+    retry = TrialRun("t", p, rows, tmp_path, owner="s/trial-0/11:00")  # a retry of the new trial resumes
+    train_one(base16, retry)
+    assert retry.resumed_from_step == 2 and retry.status == "completed" and not retry.skipped_checkpoints
+
+
 def test_same_loss_curve_as_trl_sfttrainer(smol, diamonds, tmp_path):
     """The recipe's SFTTrainer (trl + peft) and tuner's loop, fp32 on the CPU, same rows in the same order, same
     initial LoRA weights, dropout 0: the per-step training losses agree."""

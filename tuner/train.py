@@ -38,6 +38,14 @@ from .space import TrialParams
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "train_state.pt"
+OWNER_FILE = "owner.txt"
+
+
+def _read_owner(folder: Path) -> str | None:
+    try:
+        return (folder / OWNER_FILE).read_text().strip()
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,6 +206,9 @@ class TrialRun:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 3
     maximize: bool = False  # the validation value's direction (hit rate); MAE and RMSLE minimize
+    # Who may resume from checkpoints in run_dir: the trial's retries, not a study that was deleted and created again
+    # under the same name and output folder. None: any checkpoint there (tests, benches).
+    owner: str | None = None
     overfit_drop: float = 0.15  # relative training-loss drop across an epoch boundary that flags memorisation
     # state
     status: str = "pending"  # pending, running, completed, failed, pruned, interrupted
@@ -255,7 +266,15 @@ class TrialRun:
     def _resume(self) -> None:
         """Continue from the newest readable checkpoint; a corrupted one is skipped with a note, falling back to the
         one before it or to a fresh start."""
+        foreign = []
         for folder in sorted(self.checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
+            if self.owner is not None:
+                owner = _read_owner(folder)
+                if owner != self.owner:
+                    foreign.append(folder)
+                    self.skipped_checkpoints.append(f"{folder.name}: written by {owner or 'an unknown run'}, "
+                                                    f"not by this trial; removed")
+                    continue
             try:
                 state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
                 _, tensors = lora.load_adapter_state(folder / "adapter")
@@ -265,6 +284,7 @@ class TrialRun:
             except Exception as exc:  # any unreadable piece makes the whole checkpoint unusable
                 self.skipped_checkpoints.append(f"{folder.name}: {type(exc).__name__}: {exc}"[:300])
                 continue
+            self._remove(foreign)
             self.step = self.resumed_from_step = int(state["step"])
             self.ticks = int(state["ticks"])
             self.history = list(state["history"])
@@ -278,6 +298,15 @@ class TrialRun:
             elif self.best is not None:
                 self.best = None  # its adapter is gone: only what can be kept counts
             return
+        self._remove(foreign)
+
+    def _remove(self, foreign: list[Path]) -> None:
+        """Another run's checkpoints would otherwise count as this trial's newest and push its own out."""
+        for folder in foreign:
+            shutil.rmtree(folder, ignore_errors=True)
+        own = [f for f in self.checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*") if _read_owner(f) == self.owner]
+        if foreign and not own:
+            (self.checkpoint_root / "best.safetensors").unlink(missing_ok=True)
 
     def _begin_step(self) -> None:
         if self.step >= self.total_steps:
@@ -437,6 +466,8 @@ class TrialRun:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         lora.save_adapter(self.adapter, tmp / "adapter", base_name)
+        if self.owner is not None:
+            (tmp / OWNER_FILE).write_text(self.owner)
         torch.save({"step": self.step, "ticks": self.ticks, "history": self.history, "evals": self.evals,
                     "best": self.best, "optimizer": self._optimizer.state_dict(),
                     "scheduler": self._scheduler.state_dict(), "params": self.params.to_dict()}, tmp / STATE_FILE)

@@ -386,6 +386,15 @@ class Worker:
             trial.set_user_attr("retry_of", got.retry_of)
         return params
 
+    def _checkpoint_owner(self, got: Acquired) -> str:
+        """Written into each checkpoint: only retries of the same trial resume from it. The root trial's start time
+        tells a study apart from an earlier one that was deleted and created again under the same name and output
+        folder (same trial numbers, same folders), and every worker reads the same value from the storage."""
+        storage, study_id = self.study._storage, self.study._study_id
+        root = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, got.root_number))
+        started = root.datetime_start.isoformat() if root.datetime_start else "unknown"
+        return f"{self.study.study_name}/trial-{got.root_number}/{started}"
+
     def _make_run(self, prep: "Prepared", base: models.Base) -> TrialRun:
         trial, params = prep.got.trial, prep.params
         trial.set_user_attr("quantization", models.describe_quantization(params.quant_bits, base.dtype))
@@ -397,7 +406,7 @@ class Worker:
                        run_dir=self.out_root / f"trial-{prep.got.root_number:04d}", hooks=job,
                        eval_every=self.cfg.train.eval_every, checkpoint_every=self.cfg.train.checkpoint_every,
                        keep_checkpoints=self.cfg.train.keep_checkpoints, overfit_drop=self.cfg.train.overfit_drop,
-                       maximize=self.cfg.study.direction == "maximize")
+                       maximize=self.cfg.study.direction == "maximize", owner=self._checkpoint_owner(prep.got))
         job.run = run
         return run
 
