@@ -134,31 +134,3 @@ def test_expected_value_readout_with_multi_digit_tokens():
                 num, den = num + pp * int(s), den + pp
         assert den > 0 and pred.value == pytest.approx(num / den, rel=1e-4)
 
-
-def test_cpu_dequantized_4bit_is_bitsandbytes_own_math(base4, prompts, monkeypatch):
-    """The scorer dequantizes 4-bit weights once per call on the CPU instead of on every forward: the outputs of
-    every layer, and so the predictions, must be bitsandbytes' own, bit for bit."""
-    import contextlib
-
-    import bitsandbytes as bnb
-
-    from tuner import models
-
-    model = base4.model
-    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
-    x = torch.randn(3, 5, layer.in_features)
-    with torch.no_grad():
-        plain = layer(x)
-        with models.cpu_dequantized_4bit(model):
-            assert "forward" in vars(layer), "the fast path was not installed"
-            fast = layer(x)
-        assert "forward" not in vars(layer)
-        with models.cpu_dequantized_4bit(model, limit_bytes=0):
-            assert "forward" not in vars(layer), "over the memory limit: bitsandbytes' own path"
-    assert torch.equal(plain, fast)
-
-    scorer = PriceScorer(base4.tokenizer, max_price=18823, batch_size=4)
-    fast_run = scorer.predict(model, prompts[:8])
-    monkeypatch.setattr(models, "cpu_dequantized_4bit", lambda m: contextlib.nullcontext())
-    plain_run = scorer.predict(model, prompts[:8])
-    assert [(p.text, p.value) for p in fast_run.predictions] == [(p.text, p.value) for p in plain_run.predictions]

@@ -173,12 +173,6 @@ class PriceScorer:
 
     @torch.no_grad()
     def predict(self, model, prompts: Sequence[str], adapter: str | None = None) -> ScoreRun:
-        from .models import cpu_dequantized_4bit
-
-        with cpu_dequantized_4bit(model):
-            return self._predict(model, prompts, adapter)
-
-    def _predict(self, model, prompts: Sequence[str], adapter: str | None) -> ScoreRun:
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
