@@ -8,8 +8,15 @@
 # `bench/gpu.sh bench` runs 1-3 only, `bench/gpu.sh e2e` 4 only (on a warm machine that already has the model);
 # PARTS=seed,cotrain,e2e (say) leaves the others out.
 # The carried transformers and peft are the versions pyproject pins (the machine's own transformers is older).
-# Needs, carried into the checkout: .whl/ (bitsandbytes, trl, datasets, dill, multiprocess, optuna and its needs,
-# pydantic, sqlalchemy) and .gpu/bench/ (a copy of ../shared/bench: the seed script, its data and tokenizer).
+# Needs, carried into the checkout (both in .git/info/exclude; 36 MB together, the limit is 64 MiB):
+#   .whl/  cp312 manylinux wheels, fetched with `pip download --no-deps --only-binary=:all: --python-version 3.12
+#          --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 -d .whl ...`:
+#          bitsandbytes==0.50.2 trl==1.16.0 datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18 optuna==5.0.0 alembic
+#          Mako colorlog sqlalchemy==2.1.9 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection
+#          typing_extensions transformers==5.24.0 peft==0.21.2. The bitsandbytes wheel (42 MB) is slimmed to its
+#          CPU and CUDA 13 libraries (the machine's torch is cu130): unzip, delete libbitsandbytes_cuda1[12]*.so and
+#          *_rocm*.so, drop their lines from the dist-info RECORD, zip again under the same name.
+#   .gpu/bench/  a copy of ../shared/bench: the seed script, its data and tokenizer.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
