@@ -422,6 +422,19 @@ class PrunerSpec(_Strict):
     min_resource: int | Literal["auto"] = "auto"
     reduction_factor: int = Field(default=3, ge=2)
 
+    @model_validator(mode="after")
+    def _keys_of_this_pruner(self) -> "PrunerSpec":
+        # Optuna's successive halving and hyperband have no startup trials or warm-up steps, and the median pruner
+        # has no rungs: a key the chosen pruner would ignore is refused, not dropped.
+        applies = {"n_startup_trials": ("median",), "n_warmup_steps": ("median",),
+                   "min_resource": ("successive_halving", "hyperband"),
+                   "reduction_factor": ("successive_halving", "hyperband")}
+        for key, types in applies.items():
+            if key in self.model_fields_set and self.type not in types:
+                raise _SubKeyError(f".{key}", f"expected no {key} with type {self.type} (it applies to "
+                                              f"{' and '.join(types)} only)")
+        return self
+
 
 def _duration(raw: Any) -> float | None:
     """`90`, `"90s"`, `"30m"`, `"2h"` -> seconds."""
