@@ -42,7 +42,7 @@ if [ "$MODE" != "e2e" ]; then
   want seed && timeout "${SEED_S:-160}" python3 .gpu/bench/seed_recipe_gpu.py --plan "$SHAPE:seed4" --steps 25 --no-score > "$OUT/seed.log" 2>&1
   want seed && { log "seed done ($?)"; tail -5 "$OUT/seed.log"; }
   want score && log "tuner scorer"
-  want score && timeout "${SCORE_S:-100}" python3 bench/score.py --model "random:$SHAPE" --device "$DEVICE" \
+  want score && timeout "${SCORE_S:-130}" python3 bench/score.py --model "random:$SHAPE" --device "$DEVICE" \
     --batch "${SCORE_BATCH:-256}" --rows "${SCORE_ROWS:-768}" --one-row-rows 24 > "$OUT/score.log" 2>&1
   want score && { log "score done ($?)"; tail -3 "$OUT/score.log"; }
   want cotrain && log "tuner training: single sized + co-training"
