@@ -1,8 +1,8 @@
 """Pruning: the same seeded study with and without a pruner on the embedded default, in one run. Prints the
 optimizer steps each spent and the best value each found; the last line is the summary.
 
-  python bench/prune.py                                  # CPU: sweeps/default.yaml, 8 trials each (30-40 min)
-  python bench/prune.py --trials 6 --train-rows 160 --eval-every 5 --min-resource 5   # shorter trials
+  python bench/prune.py                                  # CPU: sweeps/default.yaml, 12 trials each (about 46 min)
+  python bench/prune.py --workdir /tmp/prune --pruner median   # keeps both studies; reruns only the pruned one
   python bench/prune.py --model random:1b --device cuda  # the same on a GPU
 """
 
@@ -63,10 +63,10 @@ def _finished(url: str, name: str, fingerprint: str, trials: int):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", default=str(Path(__file__).resolve().parent.parent / "sweeps" / "default.yaml"))
-    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--pruner", default="successive_halving", choices=("median", "successive_halving", "hyperband"))
-    ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--min-resource", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--min-resource", type=int, default=5)
     ap.add_argument("--reduction-factor", type=int, default=3)
     ap.add_argument("--n-startup-trials", type=int, default=2, help="median pruner only")
     ap.add_argument("--workdir", default=None,
