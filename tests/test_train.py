@@ -99,7 +99,8 @@ def _bnb_repacks() -> bool:
 @pytest.mark.skipif(not _bnb_repacks(), reason="bitsandbytes repacks 4-bit weights only where it detects AVX512-BF16")
 def test_the_avx512_repacking_trap_is_caught_as_zero_gradient(smol, diamonds):
     """With bitsandbytes' default (repacking on), the first no-grad forward repacks the 4-bit weights and the
-    gradients through them are cut: the run must fail with reason zero_grad, not train a dead adapter."""
+    gradients through them are cut: the run must fail with its reason, not train on. (On one AVX512-BF16 machine
+    the gradients went to zero; on another they stayed nonzero but wrong, so the repack itself is what is checked.)"""
     import bitsandbytes as bnb
 
     base = load_base(smol, 4, "cpu")
@@ -113,7 +114,8 @@ def test_the_avx512_repacking_trap_is_caught_as_zero_gradient(smol, diamonds):
     run = TrialRun("trap", params(), rows, Path("/unused"), hooks=rec, eval_every=2)
     train_one(base, run)
     assert run.status == "failed"
-    assert run.error.reason == "zero_grad" and "after an evaluation pass" in run.error.detail
+    assert run.error.reason == "repacked_base" and "after an evaluation pass at step 2" in run.error.detail
+    assert run.step == 2
 
 
 def test_nan_loss_fails_the_trial_with_its_reason(base16, diamonds):

@@ -211,6 +211,13 @@ def disable_cpu_repack(model) -> int:
     return n
 
 
+def repacked_layers(model) -> list[str]:
+    """Names of the 4-bit layers bitsandbytes has repacked for CPU inference (see `disable_cpu_repack`): training
+    through them is wrong, and on some CPUs the gradients stay nonzero, so a dead-gradient check alone misses it."""
+    return [name for name, mod in model.named_modules()
+            if getattr(getattr(getattr(mod, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+
+
 def contiguous_lm_head_input(model) -> None:
     """`logits_to_keep` hands the LM head a strided slice of the hidden states; on the CPU that sends the matmul
     down a broadcast path that copies the whole (vocab x hidden) weight per row (measured: 2.8 s of a 3.2 s scoring

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from . import lora
 from .data import Example
 from .errors import Interrupted, TrialFailure, TrialPruned
+from .models import repacked_layers
 from .space import TrialParams
 
 CHECKPOINT_PREFIX = "step-"
@@ -676,6 +677,12 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
                             else (result.value, result.prune)
                         run.record_eval(value)
                         run._checked_after_eval = False
+                        repacked = repacked_layers(base.model)
+                        if repacked:
+                            raise TrialFailure("repacked_base", f"{len(repacked)} 4-bit layers were repacked for "
+                                               f"inference by bitsandbytes after an evaluation pass at step "
+                                               f"{run.step} (first: {repacked[0]}); gradients through them are "
+                                               f"cut, so training on would be wrong")
                         if prune and not run.done:
                             raise TrialPruned(run.step, float("nan") if value is None else value)
                     if run.done:
