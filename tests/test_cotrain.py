@@ -51,8 +51,9 @@ TRIALS = {
 @pytest.mark.parametrize("batches,fused", [((4, 4, 4), True), ((4, 2, 4), True), ((4, 2, 4), False)],
                          ids=["fused-equal-batches", "fused-mixed-batches", "interleaved"])
 def test_cotrained_trial_equals_the_same_trial_alone(base16, diamonds, batches, fused):
-    """fp32 on the CPU. Fused (the GPU's default): equal micro-batches take the batched-matmul path, mixed ones the
-    per-segment loop. Interleaved (the CPU's default): one base pass per trial in the same loop."""
+    """fp32 on the CPU. Fused (the GPU's default): every row through its own adapter's slot of the stacked weights,
+    with equal or mixed micro-batches; alone, a trial takes the plain matmul. Interleaved (the CPU's default in
+    bf16): one base pass per trial in the same loop."""
     rows, _ = encode(base16.tokenizer, diamonds.train[:16], 182)
     specs = {name: TrialParams.from_dict({**p.to_dict(), "batch_size": b})
              for (name, p), b in zip(TRIALS.items(), batches)}
@@ -99,20 +100,42 @@ def test_nan_in_one_trial_fails_that_trial_alone(base16, diamonds, fused):
 
 
 def test_the_group_refills_as_trials_leave(base16, diamonds):
+    """The late trial takes the slot the short one left, with a larger rank: every layer's stacks grow while the
+    long trial is mid-way, and the long trial still trains exactly as it would alone."""
     rows, _ = encode(base16.tokenizer, diamonds.train[:16], 182)
-    short = TrialRun("short", params(max_steps=2), rows, Path("/unused"))
-    long = TrialRun("long", params(seed=5), rows, Path("/unused"))
-    queue = [TrialRun("late", params(seed=6, max_steps=3), rows, Path("/unused"))]
+    seen_losses = Losses()
+    short = TrialRun("short", params(max_steps=2), rows, Path("/unused"), hooks=seen_losses)
+    long = TrialRun("long", params(seed=5), rows, Path("/unused"), hooks=seen_losses)
+    queue = [TrialRun("late", params(seed=6, r=32, alpha=32, max_steps=3), rows, Path("/unused"), hooks=seen_losses)]
     asked = []
 
     def supply(free):
         asked.append(free)
         return [queue.pop()] if queue else []
 
-    seen = train_group(base16, [short, long], supplier=supply, capacity=2)
+    seen = train_group(base16, [short, long], supplier=supply, capacity=2, fused=True)
     assert [r.name for r in seen] == ["short", "long", "late"]
     assert all(r.status == "completed" for r in seen) and asked[0] == 1
     assert seen[2].plan.group_size == 2
+    alone = Losses()
+    train_one(base16, TrialRun("long", params(seed=5), rows, Path("/unused"), hooks=alone))
+    assert seen_losses.by_run["long"] == pytest.approx(alone.by_run["long"], rel=1e-5)
+
+
+def test_dropout_masks_survive_recomputation(base16, diamonds):
+    """With dropout, gradient checkpointing recomputes each layer's forward in the backward: it must see the masks
+    of the forward it recomputes, or the gradients belong to another model."""
+    rows, _ = encode(base16.tokenizer, diamonds.train[:16], 182)
+    p = params(dropout=0.1, max_steps=3)
+    plain, recomputed = Losses(), Losses()
+    train_one(base16, TrialRun("x", p, rows, Path("/unused"), hooks=plain), gradient_checkpointing=False)
+    run = TrialRun("x", p, rows, Path("/unused"), hooks=recomputed)
+    train_one(base16, run, gradient_checkpointing=True)
+    assert run.plan.gradient_checkpointing
+    assert recomputed.by_run["x"] == pytest.approx(plain.by_run["x"], rel=1e-5)
+    no_dropout = Losses()
+    train_one(base16, TrialRun("x", params(dropout=0.0, max_steps=3), rows, Path("/unused"), hooks=no_dropout))
+    assert no_dropout.by_run["x"][1:] != pytest.approx(plain.by_run["x"][1:], rel=1e-4)  # the masks did something
 
 
 def test_sized_steps_keep_the_math(base16, diamonds):

@@ -92,7 +92,7 @@ def test_each_adapter_sees_only_its_own_rows(base16):
         router.segments = []
         lora.detach(model, a)
         lora.detach(model, b)
-    # Equal segments take the grouped (bmm) path, one adapter alone a plain matmul: the same sums in another
+    # Several segments take the per-row (bmm) path, one adapter alone a plain matmul: the same sums in another
     # order, so equal to float rounding (seen: 3e-5 on logits of magnitude 20), not bit for bit.
     assert torch.allclose(mixed[:2], only_a[:2], rtol=1e-5, atol=1e-4)
     assert torch.allclose(mixed[2:], only_b[2:], rtol=1e-5, atol=1e-4)

@@ -326,7 +326,7 @@ class TrialRun:
 
     def restart_step(self) -> None:
         """Drop the partial accumulation of the current step (after an OOM) and start it again."""
-        self._optimizer.zero_grad(set_to_none=True)
+        self.adapter.zero_grad()
         self._begin_step()
 
     def next_micro(self) -> list[Encoded]:
@@ -341,23 +341,26 @@ class TrialRun:
         self._micro_index += 1
         return self._micro_index >= len(self._micro_batches)
 
-    def check_gradients(self) -> float:
-        """Clip, and refuse a dead adapter. B's gradient is (x A^T)^T g with A random, so it is zero exactly when no
-        gradient reaches the layer; A's gradient is B^T g, zero while B is still at its initial zeros (the first
-        step, or longer under warmup), so it is only required once B has moved. Checked on the first two steps and
-        on the first step after each evaluation (scoring runs no-grad forwards, which is when the CPU repacking
-        trap of bitsandbytes cuts gradients)."""
+    def grad_norm(self) -> torch.Tensor:
+        """The total gradient norm, left on the device: the loop reads every stepping run's norm in one transfer
+        (a transfer per run would wait for the GPU once per co-trained trial)."""
+        return torch.nn.utils.get_total_norm([p.grad for p in self.adapter.parameters()])
+
+    def check_gradients(self, norm: torch.Tensor, norm_f: float) -> float:
+        """Clip (what clip_grad_norm_ does, with the norm computed already), and refuse a dead adapter. B's
+        gradient is (x A^T)^T g with A random, so it is zero exactly when no gradient reaches the layer; A's
+        gradient is B^T g, zero while B is still at its initial zeros (the first step, or longer under warmup), so
+        it is only required once B has moved. Checked on the first two steps and on the first step after each
+        evaluation (scoring runs no-grad forwards, which is when the CPU repacking trap of bitsandbytes cuts
+        gradients)."""
         params = self.adapter.parameters()
-        norm = torch.nn.utils.clip_grad_norm_(params, self.params.max_grad_norm)
-        norm_f = float(norm)
+        torch.nn.utils.clip_grads_with_norm_(params, self.params.max_grad_norm, norm)
         if not math.isfinite(norm_f):
             raise TrialFailure("nan_grad", f"gradient norm {norm_f} at step {self.step + 1}")
         if self.step < 2 or not self._checked_after_eval:
             # One transfer for all layers: a bool() per tensor would wait for the GPU 2 x 128 times for an 8B model.
-            zero = torch.zeros((), dtype=torch.bool, device=next(iter(self.adapter.weights.values())).lora_B.device)
             flags = torch.stack([t for w in self.adapter.weights.values() for t in (
-                zero if w.lora_B.grad is None else w.lora_B.grad.any(), w.lora_B.detach().any(),
-                zero if w.lora_A.grad is None else w.lora_A.grad.any())]).view(-1, 3).tolist()
+                w.lora_Bt.grad.any(), w.lora_Bt.detach().any(), w.lora_A.grad.any())]).view(-1, 3).tolist()
             dead = [path for path, (b_grad, b_moved, a_grad) in zip(self.adapter.weights, flags)
                     if not b_grad or (b_moved and not a_grad)]
             if dead:
@@ -371,7 +374,7 @@ class TrialRun:
         lr = self._scheduler.get_last_lr()[0]
         self._optimizer.step()
         self._scheduler.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        self.adapter.zero_grad()
         self.step += 1
         loss = self._step_loss / max(self._step_tokens, 1)
         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -654,6 +657,7 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
                 else:
                     _recover_from_oom(active, finish, exc, device)
                 continue
+            stepping = []
             for (run, es), loss, secs in zip(parts, losses, elapsed):
                 run.train_seconds += secs
                 loss = _injected_nan(run, loss)
@@ -662,10 +666,12 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
                     run.error = TrialFailure("nan_loss", f"loss is not finite at step {run.step + 1}")
                     finish(run)
                     continue
-                if not run.after_micro(loss, len(es), sum(len(e.input_ids) for e in es)):
-                    continue
+                if run.after_micro(loss, len(es), sum(len(e.input_ids) for e in es)):
+                    stepping.append(run)
+            norms = [run.grad_norm() for run in stepping]
+            for run, norm, norm_f in zip(stepping, norms, torch.stack(norms).tolist() if norms else []):
                 try:
-                    grad_norm = run.check_gradients()
+                    grad_norm = run.check_gradients(norm, norm_f)
                     record = run.optimizer_step(grad_norm)
                     run.hooks.on_step(run, record)
                     if run.due_checkpoint():
@@ -735,24 +741,21 @@ def _forward_backward(model, router: lora.Router, parts, pad_id: int, device) ->
     logits = out.logits[:, :-1, :].float()
     token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                                  reduction="none").view(labels.shape)
-    # Every run's summed loss in one tensor and one transfer: a transfer per run would wait for the GPU each time.
+    # Every run's summed loss in one tensor, read in one transfer after the backward is queued: a transfer per run,
+    # or one before the backward, would wait for the GPU.
     seg_of_row = torch.tensor([i for i, (_, s, e, _) in enumerate(segments) for _ in range(s, e)], device=device)
     seg_sums = token_loss.new_zeros(len(parts)).index_add_(0, seg_of_row, token_loss.sum(dim=1))
-    values = seg_sums.detach().tolist()
-    sums = [v if math.isfinite(v) else None for v in values]
-    if any(v is not None for v in sums):
-        # A run whose loss is not finite gets weight 0 through masked_fill (NaN * 0 would still be NaN), so its
-        # rows send no gradient to anyone; NaN stays inside its own rows, which only its own adapter reads.
-        keep = torch.tensor([v is not None for v in sums], device=device)
-        weights = torch.tensor([1.0 / max(run._step_tokens, 1) for run, _ in parts], device=device)
-        (seg_sums.masked_fill(~keep, 0.0) * weights).sum().backward()
-    return sums
+    # A run whose loss is not finite gets weight 0 through masked_fill (NaN * 0 would still be NaN), so its rows
+    # send no gradient to anyone else; NaN stays inside its own rows, which only its own adapter reads.
+    weights = torch.tensor([1.0 / max(run._step_tokens, 1) for run, _ in parts], device=device)
+    (seg_sums.masked_fill(~torch.isfinite(seg_sums.detach()), 0.0) * weights).sum().backward()
+    return [v if math.isfinite(v) else None for v in seg_sums.detach().tolist()]
 
 
 def _clear_partial_steps(active: list[TrialRun], device) -> None:
     for run in active:
-        if run._optimizer is not None:
-            run._optimizer.zero_grad(set_to_none=True)
+        if run.adapter is not None and run.adapter.weights:
+            run.adapter.zero_grad()
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
