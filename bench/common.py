@@ -16,6 +16,9 @@ sys.path.insert(0, str(HERE.parent))
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
+    # 32 layers as in the 8B shape, widths too small to compute: a step's time is dispatch, as on a GPU at batch 4
+    "narrow": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
+                   num_key_value_heads=2),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

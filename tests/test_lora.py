@@ -97,3 +97,33 @@ def test_each_adapter_sees_only_its_own_rows(base16):
     assert torch.allclose(mixed[:2], only_a[:2], rtol=1e-5, atol=1e-4)
     assert torch.allclose(mixed[2:], only_b[2:], rtol=1e-5, atol=1e-4)
     assert not torch.allclose(only_a[2:], only_b[2:], atol=1e-3)
+
+
+def test_gradients_land_in_the_stacks_on_either_path(base16):
+    """A trial's parameters are views of its layers' stacks, and so are their gradients: the backward must add into
+    that storage whether a batch took the plain path (one adapter) or the per-row path (several), or the optimizer
+    would step on gradients the other path never sees."""
+    model, tok = base16.model, base16.tokenizer
+    batch = _batch(tok, ["Price is $", "How much does this cost?"])
+    a = lora.attach(model, "a", r=4, alpha=8, dropout=0.0, target_modules=["q_proj"], seed=1)
+    b = lora.attach(model, "b", r=8, alpha=8, dropout=0.0, target_modules=["q_proj"], seed=2)
+    _randomize_b(a, 3)
+    _randomize_b(b, 4)
+    router = lora.router_of(model)
+    layer = model.get_submodule(next(iter(a.weights)))
+    w = a.weights[layer.path]
+    try:
+        for segments in ([("a", 0, 2)], [("a", 0, 1), ("b", 1, 2)]):
+            a.zero_grad()
+            b.zero_grad()
+            router.segments = segments
+            model(**batch).logits.float().pow(2).mean().backward()
+            assert w.lora_A.grad.abs().sum() > 0 and w.lora_Bt.grad.abs().sum() > 0, segments
+            slot = router.slots["a"]
+            assert torch.equal(layer.stack_A.grad[slot, :4], w.lora_A.grad), segments
+            assert w.lora_A.grad.data_ptr() == layer.stack_A.grad[slot].data_ptr(), segments
+            assert w.lora_Bt.grad.data_ptr() == layer.stack_B.grad[slot].data_ptr(), segments
+    finally:
+        router.segments = []
+        lora.detach(model, a)
+        lora.detach(model, b)

@@ -15,8 +15,8 @@ so recomputation under gradient checkpointing uses the same masks.
 Co-training K trials must cost about what one trial costs in kernel launches, because on a GPU a step of small
 per-trial batches is bound by them: each layer holds all its adapters' weights as one stacked autograd leaf (each
 trial's parameters are views of it), a batch runs two batched matmuls per layer whatever K is, and all dropout
-masks of a forward are drawn in a few calls per adapter. Measured with a 32-layer Llama of tiny width on the CPU,
-counting dispatched operators per training tick: K=1 10.2k, K=16 12.1k (before: 11.1k and 33.8k).
+masks of a forward are drawn in a few calls per adapter. `python bench/launches.py` counts operators per training
+tick: K=1 9.7k, K=16 10.8k (before this layout: 11.1k and 32.5k).
 """
 
 from __future__ import annotations
@@ -227,10 +227,11 @@ class LoRALinear(nn.Module):
                 xin = xin * mask
         if len(self.router.segments) == 1:  # one adapter over every row (one trial, or scoring): plain LoRA
             name = segs[0][0]
-            w, slot = self.adapters[name], self.router.slots[name]
+            w = self.adapters[name]
             scale = w.scale / (1.0 - w.dropout) if self.training and w.dropout > 0 else w.scale
-            a, b = self.stack_A[slot, :w.r], self.stack_B[slot, :w.r]
-            return out + ((xin @ a.t()) @ b * scale).to(out.dtype)
+            # The trial's own parameters, not slices of the stacks: their gradients are views of the stacks'
+            # gradients and the backward adds into them in place, without a stack-sized zero fill per layer.
+            return out + ((xin @ w.lora_A.t()) @ w.lora_Bt * scale).to(out.dtype)
         return out + self._per_row(xin).to(out.dtype)
 
     def _per_row(self, xin: torch.Tensor) -> torch.Tensor:
