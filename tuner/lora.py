@@ -54,6 +54,7 @@ class Router:
     # masks, built once and reused by every layer: on a GPU, co-training many trials is bound by kernel launches,
     # and a host-to-device copy per layer would also wait for the GPU each time.
     _cache: dict = field(default_factory=dict, repr=False)
+    _masks: tuple | None = field(default=None, repr=False)  # (forward's key, {layer path: keep mask})
 
     def cached(self, key, build):
         value = self._cache.get(key)
@@ -76,9 +77,17 @@ class Router:
         on a GPU, co-training many trials is bound by kernel launches."""
         segs = tuple(self.segments)
         width = x.shape[1] if x.dim() == 3 else 1
-        key = ("masks", segs, tuple(self.ticks.get(n, 0) for n, _, _ in segs), x.shape[0], width, x.device)
-        mask = self.cached(key, lambda: self._draw_masks(segs, x.shape[0], width, x.device)).get(path)
-        return None if mask is None or x.dim() == 3 else mask[:, 0]
+        key = (segs, tuple(self.ticks.get(n, 0) for n, _, _ in segs), x.shape[0], width, x.device)
+        if self._masks is None or self._masks[0] != key:
+            # One forward's masks at a time: for an 8B model and 16 trials they take gigabytes.
+            self._masks = None
+            self._masks = (key, self._draw_masks(segs, x.shape[0], width, x.device))
+        mask = self._masks[1].get(path)
+        return mask if mask is None or x.dim() == 3 else mask[:, 0]
+
+    def release_masks(self) -> None:
+        """After the backward (which may recompute forwards that need them), the masks are garbage."""
+        self._masks = None
 
     def _draw_masks(self, segs, rows: int, width: int, device) -> dict[str, torch.Tensor]:
         dropping = [(n, s, e) for n, s, e in segs if n in self.dropouts and self.dropouts[n][0] > 0]

@@ -714,6 +714,7 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
         raise
     finally:
         router.segments = []
+        router.release_masks()
         if group["checkpointing"]:
             set_checkpointing(False)
         model.eval()
@@ -749,6 +750,7 @@ def _forward_backward(model, router: lora.Router, parts, pad_id: int, device) ->
     # send no gradient to anyone else; NaN stays inside its own rows, which only its own adapter reads.
     weights = torch.tensor([1.0 / max(run._step_tokens, 1) for run, _ in parts], device=device)
     (seg_sums.masked_fill(~torch.isfinite(seg_sums.detach()), 0.0) * weights).sum().backward()
+    router.release_masks()
     return [v if math.isfinite(v) else None for v in seg_sums.detach().tolist()]
 
 
