@@ -50,9 +50,8 @@ class Router:
     slots: dict[str, int] = field(default_factory=dict)
     layers: dict[str, "LoRALinear"] = field(default_factory=dict)  # every wrapped layer, by module path
     dropouts: dict[str, tuple[float, int]] = field(default_factory=dict)  # per adapter: (dropout, seed)
-    # Small device tensors that depend only on the batch's layout (row slots, row scales) and this forward's dropout
-    # masks, built once and reused by every layer: on a GPU, co-training many trials is bound by kernel launches,
-    # and a host-to-device copy per layer would also wait for the GPU each time.
+    # Small device tensors that depend only on the batch's layout (row slots, row scales), built once and reused by
+    # every layer: a host-to-device copy per layer would wait for the GPU each time.
     _cache: dict = field(default_factory=dict, repr=False)
     _masks: tuple | None = field(default=None, repr=False)  # (forward's key, {layer path: keep mask})
 
@@ -263,7 +262,8 @@ class LoRALinear(nn.Module):
             return (torch.tensor(slot, device=xin.device),
                     torch.tensor(scale, device=xin.device, dtype=torch.float32).view(rows, 1, 1))
 
-        key = ("rows", segs, present, tuple(self.adapters[n].scale if h else 0 for (n, _, _), h in zip(segs, present)),
+        key = ("rows", segs, present, tuple((self.router.slots[n], self.adapters[n].scale, self.adapters[n].dropout)
+                                            if h else None for (n, _, _), h in zip(segs, present)),
                rows, training, xin.device)
         slot, scale = self.router.cached(key, layout)
         a, b = self.stack_A, self.stack_B
