@@ -5,8 +5,9 @@
 #   2. tuner's scorer against the one-row loop (bench/score.py)
 #   3. tuner's single trial with sized steps and co-training K = 4, 8, 16 (bench/cotrain.py)
 #   4. a real `tuner run` on CUDA with the 8B recipe's settings, the study in SQLite
-# `bench/gpu.sh bench` runs 1-3 only, `bench/gpu.sh e2e` 4 only (on a warm machine that already has the model);
-# PARTS=seed,cotrain,e2e (say) leaves the others out.
+# `bench/gpu.sh bench` runs 1-3 only, `bench/gpu.sh e2e` 4 only (on a warm machine that already has the model).
+# PARTS picks steps; the default, seed,cotrain,e2e, leaves out the scorer (its target is met and measured:
+# PARTS=seed,score,cotrain,e2e runs everything).
 # The carried transformers and peft are the versions pyproject pins (the machine's own transformers is older).
 # Needs, carried into the checkout (both in .git/info/exclude; 36 MB together, the limit is 64 MiB):
 #   .whl/  cp312 manylinux wheels, fetched with `pip download --no-deps --only-binary=:all: --python-version 3.12
@@ -32,7 +33,7 @@ export TUNER_BENCH_TOKENIZER=$PWD/.gpu/bench/tok TUNER_BENCH_DATA=$PWD/.gpu/benc
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/timeline.txt"; }
 
 MODE=${1:-all}
-PARTS=${PARTS:-seed,score,cotrain,e2e}
+PARTS=${PARTS:-seed,cotrain,e2e}
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 if [ "$MODE" != "e2e" ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/timeline.txt" || true
