@@ -169,6 +169,26 @@ def test_corrupt_checkpoint_is_skipped_for_the_previous_one(base16, diamonds, tm
     assert "step-000005" in again.skipped_checkpoints[0]
 
 
+def test_checkpoint_whose_optimizer_state_does_not_fit_is_skipped(base16, diamonds, tmp_path):
+    """Optimizer state for B in peft's [out, r] layout (as written before B was held transposed) loads without
+    complaint in torch and would fail at the first step: it is refused at resume, with the reason."""
+    rows, _ = encode(base16.tokenizer, diamonds.train[:24], 182)
+    p = params(quant_bits=16, dropout=0.0)
+    run = TrialRun("c", p, rows, tmp_path, checkpoint_every=2, keep_checkpoints=2)
+    train_one(base16, run, stop=lambda: run.step >= 5)
+    path = tmp_path / "checkpoints" / "step-000005" / "train_state.pt"
+    state = torch.load(path, weights_only=False)
+    for index, entry in state["optimizer"]["state"].items():
+        if index % 2:  # the parameters go A, B (held as [r, out]) layer by layer: B's moments as [out, r]
+            for key in ("exp_avg", "exp_avg_sq"):
+                entry[key] = entry[key].t().contiguous()
+    torch.save(state, path)
+    again = TrialRun("c", p, rows, tmp_path)
+    train_one(base16, again)
+    assert again.resumed_from_step == 4 and again.status == "completed"
+    assert "step-000005" in again.skipped_checkpoints[0] and "optimizer state exp_avg" in again.skipped_checkpoints[0]
+
+
 def test_checkpoints_of_an_earlier_study_are_not_resumed(base16, diamonds, tmp_path):
     """A study deleted and created again under the same name and output folder has the same trial numbers and
     folders: its trials must start afresh, not resume the old study's adapters, and the old checkpoints must not

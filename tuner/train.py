@@ -134,6 +134,21 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+# Per-parameter optimizer state that has its parameter's shape (torch's AdamW and SGD, bitsandbytes' state1/2).
+_SHAPED_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "state1", "state2")
+
+
+def _check_state_shapes(optimizer) -> None:
+    """torch's load_state_dict matches state to parameters by position, not shape: a checkpoint whose state does
+    not fit (written before B was held transposed as [r, out]) would load, then fail at the first step."""
+    for p, state in optimizer.state.items():
+        for key in _SHAPED_STATE:
+            v = state.get(key)
+            if torch.is_tensor(v) and v.shape != p.shape:
+                raise ValueError(f"optimizer state {key} has shape {tuple(v.shape)}, its parameter "
+                                 f"{tuple(p.shape)}")
+
+
 def make_scheduler(name: str, optimizer, total_steps: int, warmup_ratio: float):
     from transformers import get_scheduler
 
@@ -281,6 +296,7 @@ class TrialRun:
                 _, tensors = lora.load_adapter_state(folder / "adapter")
                 self.adapter.load_state_dict(tensors)
                 self._optimizer.load_state_dict(state["optimizer"])
+                _check_state_shapes(self._optimizer)
                 self._scheduler.load_state_dict(state["scheduler"])
             except Exception as exc:  # any unreadable piece makes the whole checkpoint unusable
                 self.skipped_checkpoints.append(f"{folder.name}: {type(exc).__name__}: {exc}"[:300])
