@@ -53,7 +53,7 @@ def main() -> None:
                 self.ops[str(func.overloadpacket)] += 1
             return func(*args, **(kwargs or {}))
 
-    class Window:
+    class Window(train.NullHooks):
         """Counts from the first run's 3rd step to its (3 + steps)th: whole ticks of steady state (every run checks
         its gradients for dead layers on its first two steps)."""
 
@@ -64,12 +64,6 @@ def main() -> None:
             if run.name == self.first:
                 self.seen += 1
                 self.counter.on = 3 <= self.seen < 3 + args.steps
-
-        def on_evaluate(self, run, step):
-            return False
-
-        def on_checkpoint(self, run, step, path):
-            pass
 
     class P:  # what trial_params reads
         bits, batch, warmup = 16, 4, 3

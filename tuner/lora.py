@@ -123,9 +123,9 @@ class LoRAWeights(nn.Module):
     transposed (`lora_Bt`, [r, out]) so that it too is a contiguous view: bitsandbytes' optimizers replace a
     non-contiguous parameter with a contiguous copy, which would cut it from the stack."""
 
-    def __init__(self, r: int, alpha: float, dropout: float, seed: int, a: torch.Tensor, bt: torch.Tensor):
+    def __init__(self, r: int, alpha: float, dropout: float, a: torch.Tensor, bt: torch.Tensor):
         super().__init__()
-        self.r, self.alpha, self.dropout, self.seed = r, alpha, dropout, seed
+        self.r, self.alpha, self.dropout = r, alpha, dropout
         self.scale = alpha / r
         self.lora_A = nn.Parameter(a)  # [r, in]
         self.lora_Bt = nn.Parameter(bt)  # [r, out]
@@ -194,13 +194,13 @@ class LoRALinear(nn.Module):
         w.lora_A.grad = a.grad[slot, :w.r]
         w.lora_Bt.grad = b.grad[slot, :w.r]
 
-    def add(self, name: str, r: int, alpha: float, dropout: float, seed: int, init_a: torch.Tensor) -> LoRAWeights:
+    def add(self, name: str, r: int, alpha: float, dropout: float, init_a: torch.Tensor) -> LoRAWeights:
         slot = self.router.slots[name]
         device = next(self.base_layer.parameters()).device
         self._ensure(slot + 1, r, device)
         self._clear(slot)
         a, b = self.stack_A.detach(), self.stack_B.detach()
-        w = LoRAWeights(r, alpha, dropout, seed, a[slot, :r], b[slot, :r])
+        w = LoRAWeights(r, alpha, dropout, a[slot, :r], b[slot, :r])
         w.train(self.training)
         self.adapters[name] = w
         self._point(w, slot)
@@ -262,9 +262,8 @@ class LoRALinear(nn.Module):
             return (torch.tensor(slot, device=xin.device),
                     torch.tensor(scale, device=xin.device, dtype=torch.float32).view(rows, 1, 1))
 
-        key = ("rows", segs, present, tuple((self.router.slots[n], self.adapters[n].scale, self.adapters[n].dropout)
-                                            if h else None for (n, _, _), h in zip(segs, present)),
-               rows, training, xin.device)
+        # An adapter's slot, scale and dropout are fixed while it is attached, and detach clears the cache.
+        key = ("rows", segs, present, rows, training, xin.device)
         slot, scale = self.router.cached(key, layout)
         a, b = self.stack_A, self.stack_B
         if ranks < a.shape[1]:
@@ -374,7 +373,7 @@ def attach(model: nn.Module, name: str, *, r: int, alpha: float, dropout: float,
         # the adapter's own generator, so that it does not depend on the device or on other adapters.
         init_a = torch.empty(r, mod.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(init_a, a=math.sqrt(5), generator=generator)
-        weights[path] = mod.add(name, r, alpha, dropout, seed, init_a)
+        weights[path] = mod.add(name, r, alpha, dropout, init_a)
     return Adapter(name, r, float(alpha), float(dropout), list(target_modules), seed, weights)
 
 
