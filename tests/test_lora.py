@@ -127,3 +127,31 @@ def test_gradients_land_in_the_stacks_on_either_path(base16):
         router.segments = []
         lora.detach(model, a)
         lora.detach(model, b)
+
+
+def test_dropout_masks_are_applied_and_change_every_forward(base16):
+    """In training, each forward draws new masks (the adapter's forward count seeds them) and applies them; in eval
+    nothing is dropped. An earlier version drew the masks and then handed every 3-D input None: the inverted-dropout
+    scale alone still made dropout curves differ from dropout-free ones, so only this catches it."""
+    model, tok = base16.model, base16.tokenizer
+    batch = _batch(tok, ["Price is $", "How much does this cost?"])
+    adapter = lora.attach(model, "d", r=8, alpha=16, dropout=0.5, target_modules=["q_proj", "v_proj"], seed=1)
+    _randomize_b(adapter, 2)
+    router = lora.router_of(model)
+    router.segments = [("d", 0, 2)]
+    try:
+        model.train()
+        outs = []
+        for tick in (1, 2, 1):
+            router.ticks["d"] = tick
+            outs.append(_logits(model, batch))
+            router.release_masks()
+        model.eval()
+        plain = [_logits(model, batch) for _ in range(2)]
+    finally:
+        model.eval()
+        router.segments = []
+        lora.detach(model, adapter)
+    assert not torch.allclose(outs[0], outs[1], atol=1e-4)  # new masks each forward
+    assert torch.equal(outs[0], outs[2])  # the same forward count draws the same masks
+    assert torch.equal(plain[0], plain[1]) and not torch.allclose(plain[0], outs[0], atol=1e-4)
