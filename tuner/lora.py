@@ -16,7 +16,7 @@ Co-training K trials must cost about what one trial costs in kernel launches, be
 per-trial batches is bound by them: each layer holds all its adapters' weights as one stacked autograd leaf (each
 trial's parameters are views of it), a batch runs two batched matmuls per layer whatever K is, and all dropout
 masks of a forward are drawn in a few calls per adapter. `python bench/launches.py` counts operators per training
-tick: K=1 9.7k, K=16 10.8k (before this layout: 11.1k and 32.5k).
+tick: K=1 9.9k, K=16 11.0k (before this layout: 11.1k and 32.5k).
 """
 
 from __future__ import annotations

@@ -578,9 +578,9 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
     `fused` runs the frozen base once over every run's rows; otherwise each run's micro-batch takes its own pass in
     the same tick. Default: fused, except on a CPU computing in bf16. Measured with bench/cotrain.py (SmolLM2,
     4-bit, batch 4 per trial): on a 2-core CPU in fp32, fused K=2 and K=4 gave 1.23x and 1.41x the rows/s of one
-    trial; on a 2-core AVX512-BF16 CPU in bf16, where one trial's batch already fills the bf16 units, fused gave
-    1.03x and 1.00x and interleaved 1.03x and 1.06x. Interleaved runs the same kernels as a trial alone. Returns
-    every run that took part."""
+    trial; on a 2-core AVX512-BF16 CPU in bf16, where one trial's batch already fills the bf16 units, medians of 4
+    runs gave K=2 and K=4 1.04x and 0.96x fused, 0.99x and 0.93x interleaved, within the runs' 15% spread.
+    Interleaved runs the same kernels as a trial alone. Returns every run that took part."""
     model, device = base.model, base.device
     if fused is None:
         fused = str(device).startswith("cuda") or base.dtype != torch.bfloat16
