@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8, help="measured steps per trial, after the warm-up")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of every configuration; medians")
     ap.add_argument("--ks", default="2,4", help="co-training group sizes")
     ap.add_argument("--recipe-from", help="take (a) from seed_recipe_gpu.py's results.jsonl instead of running it")
     ap.add_argument("--shape", default=None, help="shape name to look up in --recipe-from (e.g. 8b)")
@@ -178,16 +180,28 @@ def main() -> None:
     from tuner.train import encode
 
     rows, _ = encode(base.tokenizer, splits.train, 182)
-    results["b"] = run_ours(base, rows, 1, args, sync, "auto")
-    emit({"bench": "cotrain", "variant": "b_single_sized", "k": 1, **results["b"]})
     modes = [m for m in args.modes.split(",") if m]
-    for k in ks:
-        for mode in modes:
-            key = f"c{k}" + ("" if mode == "auto" else f" {mode}")
-            results[key] = run_ours(base, rows, k, args, sync, "auto",
-                                    fused={"auto": None, "fused": True, "interleaved": False}[mode])
-            emit({"bench": "cotrain", "variant": "c_cotrain", "k": k, "mode": results[key]["execution"]
-                  ["cotrain_mode"], **results[key], "rows_per_s_per_trial": round(results[key]["rows_per_s"] / k, 2)})
+    configs = [("b", 1, None)] + [(f"c{k}" + ("" if mode == "auto" else f" {mode}"), k,
+                                   {"auto": None, "fused": True, "interleaved": False}[mode])
+                                  for k in ks for mode in modes]
+    # Alternating rounds: on a shared 2-core machine one run's rate moves by 15%; each round measures every
+    # configuration once, and the summary takes medians (rates, and each round's ratio to the single trial).
+    runs: dict[str, list[dict]] = {key: [] for key, _, _ in configs}
+    for rnd in range(args.rounds):
+        for key, k, fused in configs:
+            r = run_ours(base, rows, k, args, sync, "auto", fused=fused)
+            runs[key].append(r)
+            line = {"bench": "cotrain", "variant": "b_single_sized" if key == "b" else "c_cotrain", "k": k,
+                    "round": rnd, **r}
+            if key != "b":
+                line.update(mode=r["execution"]["cotrain_mode"], rows_per_s_per_trial=round(r["rows_per_s"] / k, 2))
+            emit(line)
+    for key, rs in runs.items():
+        rates = [r["rows_per_s"] for r in rs]
+        ratios = [r["rows_per_s"] / b["rows_per_s"] for r, b in zip(rs, runs["b"])]
+        results[key] = {**rs[-1], "rows_per_s": round(statistics.median(rates), 2),
+                        "vs_single": round(statistics.median(ratios), 2), "rounds": rates,
+                        "peak_gb": max((r["peak_gb"] or 0 for r in rs), default=0) or None}
     if args.profile_k:
         profile(base, rows, args, sync)
     a = results.get("a", {}).get("rows_per_s")
@@ -198,9 +212,11 @@ def main() -> None:
         label = "(b) single" if key == "b" else f"(c) K={key[1:]}" + \
             (f" {r['execution']['cotrain_mode']}" if " " not in key else "")
         ratio = f" = {r['rows_per_s'] / a:.1f}x (a)" if a else ""
+        single = f", {r['vs_single']:.2f}x (b)" if key != "b" else ""
         mem = f", peak {r['peak_gb']} GB" if r.get("peak_gb") else ""
-        parts.append(f"{label} {r['rows_per_s']} rows/s{ratio}{mem}")
-    print(f"cotrain: model={args.model} bits={args.bits} device={base.device} batch {args.batch}/trial: "
+        parts.append(f"{label} {r['rows_per_s']} rows/s{ratio}{single}{mem}")
+    rounds = f", medians of {args.rounds} rounds" if args.rounds > 1 else ""
+    print(f"cotrain: model={args.model} bits={args.bits} device={base.device} batch {args.batch}/trial{rounds}: "
           + "; ".join(parts), flush=True)
 
 

@@ -41,6 +41,9 @@ def main() -> None:
     torch.nn.utils.clip_grad_norm_ = functools.partial(torch.nn.utils.clip_grad_norm_, foreach=True)
     torch.set_num_threads(1)
     base = load_base(resolve("random:narrow"), 16, "cpu", cpu_bf16=False)
+    from tuner import lora
+
+    lora.router_of(base.model).per_row = "stacked"  # CUDA's path (the CPU's default runs a LoRA per trial)
     rows, _ = train.encode(base.tokenizer, diamond_rows(64, 8).train, 182)
 
     class Count(TorchDispatchMode):

@@ -49,12 +49,14 @@ TRIALS = {
 }
 
 
-@pytest.mark.parametrize("batches,fused", [((4, 4, 4), True), ((4, 2, 4), True), ((4, 2, 4), False)],
-                         ids=["fused-equal-batches", "fused-mixed-batches", "interleaved"])
-def test_cotrained_trial_equals_the_same_trial_alone(base16, diamonds, batches, fused):
-    """fp32 on the CPU. Fused (the GPU's default): every row through its own adapter's slot of the stacked weights,
-    with equal or mixed micro-batches; alone, a trial takes the plain matmul. Interleaved (the CPU's default in
-    bf16): one base pass per trial in the same loop."""
+@pytest.mark.parametrize("batches,fused,per_row", [((4, 4, 4), True, "stacked"), ((4, 2, 4), True, "stacked"),
+                                                   ((4, 2, 4), True, "segments"), ((4, 2, 4), False, "auto")],
+                         ids=["stacked-equal-batches", "stacked-mixed-batches", "segments", "interleaved"])
+def test_cotrained_trial_equals_the_same_trial_alone(base16, diamonds, batches, fused, per_row):
+    """fp32 on the CPU. Fused, one base pass over every trial's rows, with each row through its own adapter's slot
+    of the stacked weights (CUDA's default) or each trial's rows through its own adapter (the CPU's), with equal
+    or mixed micro-batches; alone, a trial takes the plain matmul. Interleaved: one base pass per trial in the same
+    loop."""
     rows, _ = encode(base16.tokenizer, diamonds.train[:16], 182)
     specs = {name: TrialParams.from_dict({**p.to_dict(), "batch_size": b})
              for (name, p), b in zip(TRIALS.items(), batches)}
@@ -64,8 +66,12 @@ def test_cotrained_trial_equals_the_same_trial_alone(base16, diamonds, batches, 
                   on_done=lambda r: alone_w.__setitem__(r.name, r.adapter.state_dict()))
     together, together_w = Losses(), {}
     runs = [TrialRun(name, p, rows, Path("/unused"), hooks=together) for name, p in specs.items()]
-    train_group(base16, runs, on_done=lambda r: together_w.__setitem__(r.name, r.adapter.state_dict()),
-                fused=fused)
+    lora.router_of(base16.model).per_row = per_row
+    try:
+        train_group(base16, runs, on_done=lambda r: together_w.__setitem__(r.name, r.adapter.state_dict()),
+                    fused=fused)
+    finally:
+        lora.router_of(base16.model).per_row = "auto"
     assert all(r.status == "completed" for r in runs)
     assert runs[0].plan.group_size == 3
     assert runs[0].plan.cotrain_mode == ("fused" if fused else "interleaved")

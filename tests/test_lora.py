@@ -3,9 +3,14 @@ removed; several adapters on one batch each see only their own rows."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tuner import lora
+
+# How a batch of several adapters is computed: CUDA's default gathers each row's slot of the stacked weights, the
+# CPU's runs each adapter on its own rows. Both run here.
+PATHS = pytest.mark.parametrize("per_row", ["stacked", "segments"])
 
 
 def _batch(tok, texts):
@@ -72,7 +77,8 @@ def test_detach_restores_the_base_exactly(base16):
     assert lora.adapters_attached(model) == set()
 
 
-def test_each_adapter_sees_only_its_own_rows(base16):
+@PATHS
+def test_each_adapter_sees_only_its_own_rows(base16, per_row):
     model, tok = base16.model, base16.tokenizer
     texts = ["Price is $", "How much does this cost?", "A lamp.", "Price"]
     batch = _batch(tok, texts)
@@ -81,6 +87,7 @@ def test_each_adapter_sees_only_its_own_rows(base16):
     _randomize_b(a, 5)
     _randomize_b(b, 6)
     router = lora.router_of(model)
+    router.per_row = per_row
     try:
         router.segments = [("a", 0, 2), ("b", 2, 4)]
         mixed = _logits(model, batch)
@@ -89,17 +96,18 @@ def test_each_adapter_sees_only_its_own_rows(base16):
         router.segments = [("b", 0, 4)]
         only_b = _logits(model, batch)
     finally:
-        router.segments = []
+        router.segments, router.per_row = [], "auto"
         lora.detach(model, a)
         lora.detach(model, b)
-    # Several segments take the per-row (bmm) path, one adapter alone a plain matmul: the same sums in another
-    # order, so equal to float rounding (seen: 3e-5 on logits of magnitude 20), not bit for bit.
+    # Several segments take the per-row path (stacked: bmm over gathered slots), one adapter alone a plain matmul:
+    # the same sums in another order, so equal to float rounding (seen: 3e-5 on logits of magnitude 20).
     assert torch.allclose(mixed[:2], only_a[:2], rtol=1e-5, atol=1e-4)
     assert torch.allclose(mixed[2:], only_b[2:], rtol=1e-5, atol=1e-4)
     assert not torch.allclose(only_a[2:], only_b[2:], atol=1e-3)
 
 
-def test_gradients_land_in_the_stacks_on_either_path(base16):
+@PATHS
+def test_gradients_land_in_the_stacks_on_either_path(base16, per_row):
     """A trial's parameters are views of its layers' stacks, and so are their gradients: the backward must add into
     that storage whether a batch took the plain path (one adapter) or the per-row path (several), or the optimizer
     would step on gradients the other path never sees."""
@@ -110,6 +118,7 @@ def test_gradients_land_in_the_stacks_on_either_path(base16):
     _randomize_b(a, 3)
     _randomize_b(b, 4)
     router = lora.router_of(model)
+    router.per_row = per_row
     layer = model.get_submodule(next(iter(a.weights)))
     w = a.weights[layer.path]
     try:
@@ -124,7 +133,7 @@ def test_gradients_land_in_the_stacks_on_either_path(base16):
             assert w.lora_A.grad.data_ptr() == layer.stack_A.grad[slot].data_ptr(), segments
             assert w.lora_Bt.grad.data_ptr() == layer.stack_B.grad[slot].data_ptr(), segments
     finally:
-        router.segments = []
+        router.segments, router.per_row = [], "auto"
         lora.detach(model, a)
         lora.detach(model, b)
 
@@ -155,3 +164,19 @@ def test_dropout_masks_are_applied_and_change_every_forward(base16):
     assert not torch.allclose(outs[0], outs[1], atol=1e-4)  # new masks each forward
     assert torch.equal(outs[0], outs[2])  # the same forward count draws the same masks
     assert torch.equal(plain[0], plain[1]) and not torch.allclose(plain[0], outs[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.3, 0.7])
+def test_keep_masks_drop_at_the_asked_rate_in_every_bit_lane(dropout):
+    """Masks are 16-bit draws against a threshold, four per int64 draw. int64's default random_ range leaves the
+    sign bit 0, which would keep every fourth element whenever the keep rate is under one half."""
+    g = torch.Generator().manual_seed(0)
+    raw = lora._keep_mask((64, 100, 40), dropout, g, "cpu")
+    assert raw.dtype == torch.bool and raw.shape == (64, 100, 40)
+    keep = raw.view(-1, 4).float()
+    p = lora.keep_probability(dropout)
+    assert abs(p - (1 - dropout)) <= 1 / 65536
+    for lane in keep.mean(0).tolist():
+        assert abs(lane - p) < 0.01, (lane, p)  # 5 sigma of a 64,000-draw mean at p = 1/2
+    again = lora._keep_mask((64, 100, 40), dropout, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(again.view(-1, 4).float(), keep)

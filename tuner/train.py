@@ -575,15 +575,13 @@ def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[Tr
     Gradient checkpointing: "auto" starts without it (faster) and turns it on at the first out-of-memory error,
     before any micro-batch is halved; True/False force it.
 
-    `fused` runs the frozen base once over every run's rows; otherwise each run's micro-batch takes its own pass in
-    the same tick. Default: fused, except on a CPU computing in bf16. Measured with bench/cotrain.py (SmolLM2,
-    4-bit, batch 4 per trial): on a 2-core CPU in fp32, fused K=2 and K=4 gave 1.23x and 1.41x the rows/s of one
-    trial; on a 2-core AVX512-BF16 CPU in bf16, where one trial's batch already fills the bf16 units, medians of 4
-    runs gave K=2 and K=4 1.04x and 0.96x fused, 0.99x and 0.93x interleaved, within the runs' 15% spread.
-    Interleaved runs the same kernels as a trial alone. Returns every run that took part."""
+    `fused` (the default) runs the frozen base once over every run's rows; otherwise each run's micro-batch takes
+    its own pass in the same tick. bench/cotrain.py (SmolLM2, 4-bit, batch 4 per trial, medians of 3 alternating
+    rounds) on a 2-core AVX512-BF16 CPU: fused K=2 and K=4 1.14x and 1.16x the rows/s of one trial, interleaved
+    1.05x and 1.03x (earlier code on 2 fp32 cores: fused 1.23x and 1.41x). Returns every run that took part."""
     model, device = base.model, base.device
     if fused is None:
-        fused = str(device).startswith("cuda") or base.dtype != torch.bfloat16
+        fused = True
     router = lora.router_of(model)
     pad_id = base.tokenizer.pad_token_id
     capacity = capacity or len(runs)
