@@ -15,9 +15,10 @@ so recomputation under gradient checkpointing uses the same masks.
 Co-training K trials must cost about what one trial costs in kernel launches, because on a GPU a step of small
 per-trial batches is bound by them: each layer holds all its adapters' weights as one stacked autograd leaf (each
 trial's parameters are views of it), a batch runs two batched matmuls per layer whatever K is ("stacked"), and all
-dropout masks of a forward are drawn in a few calls per adapter. On a CPU a kernel call costs microseconds and
-arithmetic is what counts, so there each adapter runs a plain LoRA on its own rows at its own rank ("segments"). `python bench/launches.py` counts operators per training
-tick: K=1 9.9k, K=16 11.0k (before this layout: 11.1k and 32.5k).
+dropout masks of a forward are drawn in a few calls per adapter. `python bench/launches.py` counts operators per
+training tick: K=1 9.9k, K=16 11.1k (before this layout: 11.1k and 32.5k). On a CPU a kernel call costs
+microseconds and arithmetic is what counts, so there each adapter runs a plain LoRA on its own rows at its own rank
+("segments").
 """
 
 from __future__ import annotations
