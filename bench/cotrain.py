@@ -55,7 +55,7 @@ class Clock:
         return rows / (end - start)
 
 
-def run_ours(base, rows, k: int, args, sync, checkpointing, fused=None) -> dict:
+def run_ours(base, rows, k: int, args, sync, checkpointing, fused: bool = True) -> dict:
     import torch
 
     from tuner.train import TrialRun, train_group
@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--profile-k", type=int, default=0, help="after the measurements, profile one group of this size "
                                                               "(torch.profiler; a table to $OUT/profile.txt)")
     ap.add_argument("--modes", default="auto", help="co-training modes to measure: auto, fused, interleaved "
-                                                   "(comma-separated; auto = fused on CUDA, interleaved on the CPU)")
+                                                   "(comma-separated; auto = fused)")
     args = ap.parse_args()
 
     import torch
@@ -181,8 +181,7 @@ def main() -> None:
 
     rows, _ = encode(base.tokenizer, splits.train, 182)
     modes = [m for m in args.modes.split(",") if m]
-    configs = [("b", 1, None)] + [(f"c{k}" + ("" if mode == "auto" else f" {mode}"), k,
-                                   {"auto": None, "fused": True, "interleaved": False}[mode])
+    configs = [("b", 1, True)] + [(f"c{k}" + ("" if mode == "auto" else f" {mode}"), k, mode != "interleaved")
                                   for k in ks for mode in modes]
     # Alternating rounds: on a shared 2-core machine one run's rate moves by 15%; each round measures every
     # configuration once, and the summary takes medians (rates, and each round's ratio to the single trial).

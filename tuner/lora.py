@@ -278,14 +278,7 @@ class LoRALinear(nn.Module):
             return out
         xin = self._lora_input(x)
         if len(self.router.segments) == 1:  # one adapter over every row (one trial, or scoring): plain LoRA
-            name = segs[0][0]
-            w = self.adapters[name]
-            mask = self.router.dropout_mask(self.path, xin, name) if self.training else None
-            if mask is not None:
-                xin = xin * mask
-            # The trial's own parameters, not slices of the stacks: their gradients are views of the stacks'
-            # gradients and the backward adds into them in place, without a stack-sized zero fill per layer.
-            return out + ((xin @ w.lora_A.t()) @ w.lora_Bt * _lora_scale(w, self.training)).to(out.dtype)
+            return out + self._delta(segs[0][0], xin, xin).to(out.dtype)
         mode = self.router.per_row
         if mode == "stacked" or (mode == "auto" and xin.device.type == "cuda"):
             mask = self.router.dropout_mask(self.path, xin) if self.training else None
@@ -293,6 +286,16 @@ class LoRALinear(nn.Module):
                 xin = xin * mask
             return out + self._per_row(xin).to(out.dtype)
         return self._per_segment(out, xin)
+
+    def _delta(self, name: str, x: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """Adapter `name`'s update for its rows `x` of the batch `batch`, on its own parameters, not slices of the
+        stacks: their gradients are views of the stacks' gradients and the backward adds into them in place,
+        without a stack-sized zero fill per layer."""
+        w = self.adapters[name]
+        mask = self.router.dropout_mask(self.path, batch, name) if self.training else None
+        if mask is not None:
+            x = x * mask
+        return (x @ w.lora_A.t()) @ w.lora_Bt * _lora_scale(w, self.training)
 
     def _per_segment(self, out: torch.Tensor, xin: torch.Tensor) -> torch.Tensor:
         """Each adapter's rows through its own parameters, as if it were alone; rows of adapters not here, and rows
@@ -309,17 +312,8 @@ class LoRALinear(nn.Module):
         if pos < out.shape[0]:
             sizes.append(out.shape[0] - pos)
             owners.append(None)
-        parts = []
-        for name, o, x in zip(owners, out.split(sizes), xin.split(sizes)):
-            if name is None:
-                parts.append(o)
-                continue
-            w = self.adapters[name]
-            mask = self.router.dropout_mask(self.path, xin, name) if self.training else None
-            if mask is not None:
-                x = x * mask
-            parts.append(o + ((x @ w.lora_A.t()) @ w.lora_Bt * _lora_scale(w, self.training)).to(o.dtype))
-        return torch.cat(parts)
+        return torch.cat([o if name is None else o + self._delta(name, x, xin).to(o.dtype)
+                          for name, o, x in zip(owners, out.split(sizes), xin.split(sizes))])
 
     def _per_row(self, xin: torch.Tensor) -> torch.Tensor:
         """Each row through its own adapter's A and B (gathered from the stacks by the row's slot), in two batched

@@ -444,7 +444,7 @@ class Worker:
             train_group(base, list(runs), supplier=supply if capacity > 1 else None, stop=self.stopper,
                         on_done=lambda run: run.hooks.finalize(run), capacity=capacity,
                         gradient_checkpointing=self.cfg.train.gradient_checkpointing,
-                        fused={"auto": None, "fused": True, "interleaved": False}[self.cfg.train.cotrain_mode])
+                        fused=self.cfg.train.cotrain_mode != "interleaved")
             self._errors_in_a_row = 0
         except KeyboardInterrupt:
             raise
