@@ -58,7 +58,8 @@ class Clock:
 def run_ours(base, rows, k: int, args, sync, checkpointing, fused: bool = True) -> dict:
     import torch
 
-    from tuner.train import TrialRun, train_group
+    from tuner.loop import train_group
+    from tuner.train import TrialRun
 
     if base.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -177,7 +178,7 @@ def main() -> None:
 
     base = load_base(resolved, args.bits, args.device)
     sync = torch.cuda.synchronize if base.device.startswith("cuda") else (lambda: None)
-    from tuner.train import encode
+    from tuner.batches import encode
 
     rows, _ = encode(base.tokenizer, splits.train, 182)
     modes = [m for m in args.modes.split(",") if m]

@@ -30,6 +30,7 @@ def main() -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import tuner.train as train
+    from tuner import batches, loop
     from cotrain import trial_params
     from tuner.models import load_base
 
@@ -44,7 +45,7 @@ def main() -> None:
     from tuner import lora
 
     lora.router_of(base.model).per_row = "stacked"  # CUDA's path (the CPU's default runs a LoRA per trial)
-    rows, _ = train.encode(base.tokenizer, diamond_rows(64, 8).train, 182)
+    rows, _ = batches.encode(base.tokenizer, diamond_rows(64, 8).train, 182)
 
     class Count(TorchDispatchMode):
         def __init__(self):
@@ -80,7 +81,7 @@ def main() -> None:
                 for i in range(k)]
         t = time.perf_counter()
         with counter:
-            train.train_group(base, runs, gradient_checkpointing=False, fused=True)
+            loop.train_group(base, runs, gradient_checkpointing=False, fused=True)
         assert all(r.status == "completed" for r in runs), [r.status for r in runs]
         per_k[k] = sum(counter.ops.values()) / args.steps
         print(f"K={k}: {per_k[k]:.0f} operators per tick ({per_k[k] / k:.0f} per trial), "

@@ -325,16 +325,6 @@ def extract_adapter(store, trial: optuna.trial.FrozenTrial, dest: Path) -> Path:
 # Training checkpoints (`tuner promote --checkpoint STEP`)
 
 
-def checkpoint_adapters(checkpoint_root: Path, prefix: str = "step-") -> dict[int, Path]:
-    """Step -> adapter folder of every complete checkpoint a trial still has on disk."""
-    out = {}
-    for folder in sorted(Path(checkpoint_root).glob(f"{prefix}*")):
-        adapter = folder / "adapter"
-        if (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file():
-            out[int(folder.name.removeprefix(prefix))] = adapter
-    return out
-
-
 def save_checkpoints_artifact(trial: optuna.Trial, store_dir: Path, adapters: dict[int, Path],
                               info: AdapterInfo) -> dict:
     """The trial's retained checkpoints as one archive in the store (the run folder is local to the machine that

@@ -7,16 +7,15 @@ before any model is loaded), 130 stopped by a signal.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from . import fmt
 from .errors import TunerError
 
 # Piped output (CI logs, `| tee`) gets room for the whole trials table instead of rich's 80-column default.
@@ -31,25 +30,6 @@ def _duration_arg(text: str) -> float:
         return _duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _fmt_money(v) -> str:
-    return "-" if v is None else f"${v:,.0f}"
-
-
-def _fmt(v, spec: str = ".3g") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and math.isnan(v):
-        return "nan"
-    return format(v, spec)
-
-
-def _fmt_secs(s) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,10 +69,10 @@ class RichReporter:
         task = self.tasks.pop(number, None)
         if task is not None:
             self.progress.remove_task(task)
-        dur = _fmt_secs(attrs.get("duration_s"))
+        dur = fmt.secs(attrs.get("duration_s"))
         if state == "COMPLETE":
-            line = (f"[green]trial {number} COMPLETE[/green]  MAE {_fmt_money(attrs.get('mae'))}  "
-                    f"RMSLE {_fmt(attrs.get('rmsle'))}  hits {_fmt(attrs.get('hit_rate'), '.0%')}  ({dur})")
+            line = (f"[green]trial {number} COMPLETE[/green]  MAE {fmt.money(attrs.get('mae'))}  "
+                    f"RMSLE {fmt.num(attrs.get('rmsle'))}  hits {fmt.pct(attrs.get('hit_rate'))}  ({dur})")
         elif state == "PRUNED":
             line = f"[yellow]trial {number} PRUNED[/yellow] at step {attrs.get('pruned_at_step')}  ({dur})"
         elif state == "INTERRUPTED":
@@ -107,57 +87,25 @@ class RichReporter:
 # Tables
 
 
-def _short_model(key: str) -> str:
-    """A local folder by its last component, a Hub id or builtin name as it is (with any @revision)."""
-    name, _, rev = str(key).partition("@")
-    if name.startswith(("/", ".", "~")):
-        name = Path(name).name
-    return name + (f"@{rev}" if rev else "")
+def leaderboard_table(title: str, rows: list[dict], baseline_rows: list[dict]) -> Table:
+    """The leaderboard as `tuner status`, `tuner run` and `tuner report` print it (report.leaderboard's rows)."""
+    with_model = any(r["model_sampled"] for r in rows)  # one fixed model needs no column
+    table = Table(title=title, show_lines=False)
+    for col in fmt.columns(with_model):
+        table.add_column(col, justify="left" if col in fmt.LEFT_COLUMNS else "right", no_wrap=col == "model")
+    for r in rows:
+        table.add_row(*fmt.row_cells(r, with_model), style="bold green" if r["best"] else None)
+    for b in baseline_rows:
+        table.add_row(*fmt.baseline_cells(b, with_model), style="dim")
+    return table
 
 
 def trials_table(study, title: str | None = None) -> Table:
-    from .study import baselines, trial_rows
+    from .report import baseline_rows, trial_rows
 
     objective = study.user_attrs.get("objective", "mae")
-    table = Table(title=title or f"study {study.study_name} (objective: {objective}, "
-                                 f"{study.direction.name.lower()})", show_lines=False)
-    rows = trial_rows(study)
-    # Only a study that samples the model has the "model" param; one fixed model needs no column.
-    with_model = any("model" in row.params for row in rows)
-    cols = ["#", "state"] + (["model"] if with_model else []) + ["r", "alpha", "dropout", "targets", "bits", "lr",
-                                                                 "MAE", "RMSLE", "hits", "time", "note"]
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("state", "model", "targets", "note") else "right",
-                         no_wrap=col == "model")
-    for row in rows:
-        a, p = row.attrs, row.params
-        note = ""
-        if row.state == "FAIL":
-            note = str(a.get("fail_reason", ""))
-        elif row.state == "PRUNED":
-            note = f"pruned at step {a.get('pruned_at_step', '?')}"
-        if a.get("resumed_from_step"):
-            note = (note + " " if note else "") + f"resumed from step {a['resumed_from_step']}"
-        if a.get("promoted"):
-            note = (note + " " if note else "") + "promoted"
-        if a.get("overfit_epochs"):
-            note = (note + " " if note else "") + "overfit"
-        state = row.state + (" *" if row.is_best else "")
-        style = "bold green" if row.is_best else None
-        model = [_short_model(p.get("model", a.get("model", "-")))] if with_model else []
-        table.add_row(str(row.number), state, *model, _fmt(a.get("r")), _fmt(a.get("alpha"), "g"),
-                      _fmt(p.get("dropout", a.get("dropout")), ".3f") if "dropout" in p else "fixed",
-                      str(a.get("target_set", p.get("target_modules", "-"))),
-                      str(p.get("quant_bits", "fixed")),
-                      _fmt(p.get("learning_rate"), ".2e") if "learning_rate" in p else "fixed",
-                      _fmt_money(a.get("mae")), _fmt(a.get("rmsle"), ".3f"), _fmt(a.get("hit_rate"), ".0%"),
-                      _fmt_secs(row.duration_s), note, style=style)
-    for key, m in sorted(baselines(study).items()):
-        label = {"median": "baseline: train median"}.get(key, f"baseline: {key.replace('_', ' ')}")
-        table.add_row("", label, *([""] if with_model else []), "", "", "", "", "", "", _fmt_money(m.get("mae")),
-                      _fmt(m.get("rmsle"), ".3f"),
-                      _fmt(m.get("hit_rate"), ".0%"), "", "", style="dim")
-    return table
+    return leaderboard_table(title or f"study {study.study_name} (objective: {objective}, "
+                                      f"{study.direction.name.lower()})", trial_rows(study), baseline_rows(study))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,7 +121,12 @@ def cmd_run(args) -> int:
     if args.workers and args.workers > 1:
         from .launch import launch_workers
 
-        return launch_workers(args)
+        code = launch_workers(args)
+        try:
+            print_leaderboard(args.storage, args.study or cfg.study.name)
+        except Exception as exc:  # the workers' own exit codes say what went wrong; the table is a courtesy
+            console.print(f"(no leaderboard: {exc})")
+        return code
     opts = WorkerOptions(storage_url=args.storage, study_name=args.study, trials=args.trials, timeout=args.timeout,
                          device=args.device, force=args.force)
     name = args.study or cfg.study.name
@@ -184,7 +137,7 @@ def cmd_run(args) -> int:
         report = run_worker(cfg, opts, reporter)
     if not os.environ.get("TUNER_PLAIN_OUTPUT"):  # launched by --workers: the launcher prints the leaderboard
         print_leaderboard(args.storage, name)
-    console.print(f"this worker ran {len(report.ran)} trial(s) in {_fmt_secs(time.time() - t0)}")
+    console.print(f"this worker ran {len(report.ran)} trial(s) in {fmt.secs(time.time() - t0)}")
     if report.interrupted:
         console.print("[yellow]stopped by a signal; run the same command again to resume[/yellow]")
         return 130
@@ -209,11 +162,12 @@ def _print_verdict(study) -> None:
         console.print("no COMPLETE trial yet")
         return
     obj = study.user_attrs.get("objective", "mae")
-    parts = [f"best: trial {best.number}, {obj} {_fmt(best.value, ',.4g')}"]
+    parts = [f"best: trial {best.number}, {obj} {fmt.num(best.value, ',.4g')}"]
     for key, m in sorted(base.items()):
         if obj in m:
             better = best.value < m[obj] if study.direction.name == "MINIMIZE" else best.value > m[obj]
-            parts.append(f"{'beats' if better else 'does NOT beat'} {key.replace('_', ' ')} ({_fmt(m[obj], ',.4g')})")
+            parts.append(f"{'beats' if better else 'does NOT beat'} {fmt.baseline_label(key)} "
+                         f"({fmt.num(m[obj], ',.4g')})")
     console.print("; ".join(parts))
 
 
@@ -246,7 +200,7 @@ def cmd_best(args) -> int:
     if best is None:
         raise TunerError(f"study {study.study_name!r} has no COMPLETE trial yet")
     console.print(f"[bold]study {study.study_name}: best trial {best.number}[/bold] "
-                  f"({study.user_attrs.get('objective', 'mae')} = {_fmt(best.value, ',.4g')})")
+                  f"({study.user_attrs.get('objective', 'mae')} = {fmt.num(best.value, ',.4g')})")
     table = Table(show_header=False)
     table.add_column("key")
     table.add_column("value")
@@ -275,7 +229,7 @@ def cmd_dashboard(args) -> int:
 
 def cmd_report(args) -> int:
     from . import artifacts
-    from .report import LEADERBOARD_HEADERS, baseline_cells, build, leaderboard_cells, write_html
+    from .report import build, write_html
     from .storage import open_storage
     from .study import load_study
 
@@ -286,14 +240,8 @@ def cmd_report(args) -> int:
     except artifacts.ArtifactError as exc:  # the tables and charts from the database still make a report
         store, problem = None, str(exc)
     rep = build(study, store, problem)
-    table = Table(title=f"study {rep.study}: leaderboard (objective {rep.objective}, {rep.direction})")
-    for i, h in enumerate(LEADERBOARD_HEADERS):
-        table.add_column(h, justify="left" if i in (1, 5, 12) else "right")
-    for r in rep.leaderboard:
-        table.add_row(*leaderboard_cells(r), style="bold green" if r["best"] else None)
-    for b in rep.baselines:
-        table.add_row(*baseline_cells(b), style="dim")
-    console.print(table)
+    console.print(leaderboard_table(f"study {rep.study}: leaderboard (objective {rep.objective}, {rep.direction})",
+                                    rep.leaderboard, rep.baselines))
     imp = rep.importances
     if imp.values:
         it = Table(title=f"parameter importances ({imp.evaluator}, over {imp.trials} COMPLETE trials)")
@@ -364,8 +312,8 @@ def cmd_predict(args) -> int:
     console.print(table)
     if prices is not None:
         m = price_metrics([p.value for p in preds], prices)
-        console.print(f"MAE {_fmt_money(m['mae'])}  RMSLE {_fmt(m['rmsle'], '.3f')}  hits {_fmt(m['hit_rate'], '.0%')}"
-                      f"  parse failures {_fmt(m['parse_fail_rate'], '.0%')}  (n={m['n']})")
+        console.print(f"MAE {fmt.money(m['mae'])}  RMSLE {fmt.num(m['rmsle'], '.3f')}  hits {fmt.pct(m['hit_rate'])}"
+                      f"  parse failures {fmt.pct(m['parse_fail_rate'])}  (n={m['n']})")
     if args.out:
         console.print(f"wrote {write_rows(args.out, texts, preds, prices)}")
     return 0

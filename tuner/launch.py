@@ -3,7 +3,8 @@
 Each worker is an ordinary `tuner run` process (so a worker on another machine is the same command), with
 TUNER_WORKER_INDEX set (it offsets the sampler's seed), pinned to one GPU round-robin from `--gpus`, and on the CPU
 given its share of the cores: N processes each running as many threads as there are cores would spend their time
-waiting on each other. Signals are passed on to every worker; their lines are prefixed with the worker index.
+waiting on each other. Signals are passed on to every worker; their lines are prefixed with the worker index. The caller prints the
+leaderboard once they are done.
 """
 
 from __future__ import annotations
@@ -73,13 +74,6 @@ def launch_workers(args) -> int:
     for t in pumps:
         t.join(timeout=5)
     print(f"{n} workers finished with exit codes {codes}", flush=True)
-    from .cli import print_leaderboard
-    from .config import load_config
-
-    try:
-        print_leaderboard(args.storage, args.study or load_config(args.sweep).study.name)
-    except Exception as exc:  # the workers' own exit codes say what went wrong; the table is a courtesy
-        print(f"(no leaderboard: {exc})", flush=True)
     if any(c == 130 for c in codes):
         return 130
     return max(codes)

@@ -23,9 +23,11 @@ microseconds and arithmetic is what counts, so there each adapter runs a plain L
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -361,12 +363,43 @@ def _linear_types() -> tuple:
     return tuple(types)
 
 
+# Each model's router, kept beside the model rather than on it: `routing` is how callers say which rows are whose.
+_ROUTERS: "weakref.WeakKeyDictionary[nn.Module, Router]" = weakref.WeakKeyDictionary()
+
+
 def router_of(model: nn.Module) -> Router:
-    router = getattr(model, "_tuner_router", None)
+    """The model's router, made by the first `attach`. Training and scoring set its rows through `routing`."""
+    router = _ROUTERS.get(model)
     if router is None:
-        router = Router()
-        model._tuner_router = router
+        router = _ROUTERS[model] = Router()
     return router
+
+
+@contextlib.contextmanager
+def routing(model: nn.Module, segments: list[tuple], *, ticks: dict[str, int] | None = None):
+    """Which adapter owns which rows in the forwards and backwards inside the block, as peft's `adapter_names`
+    says it per row. `segments`: (adapter, first row, end row[, the length its rows pad to alone]); rows in no
+    segment, or of an adapter not attached to a layer, get the base output. `ticks`: each adapter's forward
+    count, part of its dropout seed. A model without tuner adapters has nothing to route."""
+    router = _ROUTERS.get(model)
+    if router is None:
+        yield None
+        return
+    router.segments = [(seg[0], seg[1], seg[2]) for seg in segments]
+    router.own_lengths = {seg[0]: seg[3] for seg in segments if len(seg) > 3}
+    router.ticks.update(ticks or {})
+    try:
+        yield router
+    finally:
+        router.segments = []
+        router.release_masks()  # after the backward (which may recompute forwards that need them) they are garbage
+
+
+def release_masks(model: nn.Module) -> None:
+    router = _ROUTERS.get(model)
+    if router is not None:
+        router.segments = []
+        router.release_masks()
 
 
 @dataclass

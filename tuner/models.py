@@ -15,7 +15,7 @@ import importlib.util
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelSpec
@@ -191,7 +191,6 @@ class Base:
     device: str
     dtype: object
     load_seconds: float
-    extra: dict = field(default_factory=dict)
 
     @property
     def key(self) -> tuple:

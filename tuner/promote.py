@@ -23,7 +23,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from . import artifacts
+from . import artifacts, fmt
 from .artifacts import AdapterInfo
 from .errors import TunerError
 from .storage import record_promotion
@@ -87,18 +87,6 @@ def check_repo_id(repo: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The model card
-
-
-def _money(v) -> str:
-    return "-" if v is None else f"${v:,.2f}"
-
-
-def _num(v, spec=".4f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{v:.1%}"
 
 
 def _quant_text(q: dict) -> str:
@@ -169,8 +157,7 @@ def model_card(study: optuna.Study, trial: FrozenTrial, info: AdapterInfo, repo_
                   f"This checkpoint (step {checkpoint_step}) was neither scored on the test split nor evaluated "
                   "on the validation split.")
     for key, m in sorted(baselines(study).items()):
-        label = {"median": "baseline: constant train median"}.get(key, f"baseline: {key.replace('_', ' ')}")
-        rows.append((label, m.get("mae"), m.get("rmsle"), m.get("hit_rate")))
+        rows.append((f"baseline: {fmt.baseline_label(key)}", m.get("mae"), m.get("rmsle"), m.get("hit_rate")))
     derived = {k: a[k] for k in ("trainable_params", "steps", "effective_batch") if k in a}
     hyper = {**p, **derived}
     out = [f"---\n{meta.to_yaml()}\n---", "", f"# {name}", "",
@@ -190,10 +177,11 @@ def model_card(study: optuna.Study, trial: FrozenTrial, info: AdapterInfo, repo_
            f"+ `{info.answer_prefix}`; completion: the price rounded to the dollar, `.00`", "",
            f"## Test metrics ({a.get('n', data.get('test'))} held-out rows)", "",
            "| | MAE | RMSLE | hit rate (error < $40 or < 20%) |", "|---|---:|---:|---:|"]
-    out += [f"| {label} | {_money(mae)} | {_num(rmsle)} | {_pct(hit)} |" for label, mae, rmsle, hit in rows]
+    out += [f"| {label} | {fmt.money(mae, cents=True)} | {fmt.num(rmsle, '.4f')} | {fmt.pct(hit, 1)} |"
+            for label, mae, rmsle, hit in rows]
     if scored:
         out += ["", scored]
-    out += ["", f"Parse failures (no number in the answer, scored as $0): {_pct(a.get('parse_fail_rate'))}. "
+    out += ["", f"Parse failures (no number in the answer, scored as $0): {fmt.pct(a.get('parse_fail_rate'), 1)}. "
             f"Scoring: {info.scoring.get('method')} decoding constrained to a price, batch size "
             f"{info.scoring.get('batch_size')}.", "",
             "## Hyperparameters", "", "| name | value |", "|---|---|"]

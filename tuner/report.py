@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from . import artifacts
 from .artifacts import ArtifactError
+from .fmt import LEFT_COLUMNS, baseline_cells, baseline_row, columns, row_cells, trial_row
 from .study import baselines, best_trial
 
 
@@ -60,38 +61,22 @@ class Report:
 # Reading the study
 
 
-def _row(t: optuna.trial.FrozenTrial, best_number: int | None) -> dict:
-    a, p = t.user_attrs, t.params
-    dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
-        else None
-    note = ""
-    if t.state == TrialState.FAIL:
-        note = str(a.get("fail_reason", ""))
-    elif t.state == TrialState.PRUNED:
-        note = f"pruned at step {a.get('pruned_at_step', '?')}"
-    return {"number": t.number, "state": t.state.name, "best": t.number == best_number, "value": t.value,
-            "r": a.get("r"), "alpha": a.get("alpha"), "dropout": p.get("dropout"), "targets": a.get("target_set"),
-            "bits": (a.get("quantization") or {}).get("bits"), "learning_rate": p.get("learning_rate"),
-            "mae": a.get("mae"), "rmsle": a.get("rmsle"), "hit_rate": a.get("hit_rate"), "duration_s": dur,
-            "note": note}
+def trial_rows(study: optuna.Study) -> list[dict]:
+    """Every trial's leaderboard row (`fmt.trial_row`), by number."""
+    best = best_trial(study)
+    return [trial_row(t, best.number if best else None) for t in study.get_trials(deepcopy=False)]
 
 
 def leaderboard(study: optuna.Study) -> list[dict]:
     """COMPLETE trials best first, then the others by number."""
-    best = best_trial(study)
-    rows = [_row(t, best.number if best else None) for t in study.get_trials(deepcopy=False)]
+    rows = trial_rows(study)
     sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
     done = sorted((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: sign * r["value"])
     return done + [r for r in rows if r["state"] != "COMPLETE"]
 
 
 def baseline_rows(study: optuna.Study) -> list[dict]:
-    out = []
-    for key, m in sorted(baselines(study).items()):
-        label = {"median": "constant train median"}.get(key, key.replace("_", " "))
-        out.append({"key": key, "label": label, "mae": m.get("mae"), "rmsle": m.get("rmsle"),
-                    "hit_rate": m.get("hit_rate")})
-    return out
+    return [baseline_row(key, m) for key, m in sorted(baselines(study).items())]
 
 
 def importances(study: optuna.Study) -> Importances:
@@ -236,25 +221,6 @@ def best_scatter(study: optuna.Study, best, store, store_problem: str) -> Chart:
 # HTML
 
 
-def _f(v, spec: str) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and math.isnan(v):
-        return "nan"
-    return format(v, spec)
-
-
-def _money(v) -> str:
-    return "-" if v is None else f"${v:,.0f}"
-
-
-def _secs(s) -> str:
-    if s is None:
-        return "-"
-    s = int(s)
-    return f"{s // 60}m{s % 60:02d}s"
-
-
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 70rem; color: #222; }
 table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }
@@ -275,23 +241,11 @@ def _table(headers: list[str], rows: list[list[str]], classes: list[str] | None 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-LEADERBOARD_HEADERS = ["#", "state", "r", "alpha", "dropout", "targets", "bits", "lr", "MAE", "RMSLE", "hits",
-                       "time", "note"]
-
-
-def leaderboard_cells(r: dict) -> list[str]:
-    return [str(r["number"]), r["state"] + (" *" if r["best"] else ""), _f(r["r"], "d"), _f(r["alpha"], "g"),
-            _f(r["dropout"], ".3f"), str(r["targets"] or "-"), _f(r["bits"], "d"), _f(r["learning_rate"], ".2e"),
-            _money(r["mae"]), _f(r["rmsle"], ".3f"), _f(r["hit_rate"], ".0%"), _secs(r["duration_s"]), r["note"]]
-
-
-def baseline_cells(b: dict) -> list[str]:
-    return ["", f"baseline: {b['label']}", "", "", "", "", "", "", _money(b["mae"]), _f(b["rmsle"], ".3f"),
-            _f(b["hit_rate"], ".0%"), "", ""]
-
-
 def render_html(report: Report) -> str:
-    rows = [leaderboard_cells(r) for r in report.leaderboard] + [baseline_cells(b) for b in report.baselines]
+    with_model = any(r["model_sampled"] for r in report.leaderboard)
+    headers = columns(with_model)
+    rows = [row_cells(r, with_model) for r in report.leaderboard] + [baseline_cells(b, with_model)
+                                                                     for b in report.baselines]
     classes = ["best" if r["best"] else "" for r in report.leaderboard] + ["baseline"] * len(report.baselines)
     states = ", ".join(f"{n} {s}" for s, n in sorted(report.states.items()))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tuner report: {html.escape(report.study)}"
@@ -302,7 +256,8 @@ def render_html(report: Report) -> str:
     if report.best:
         b = report.best
         parts.append(f"<p>best: trial {b['number']}, {report.objective} {b['value']:,.4g}</p>")
-    parts += ["<h2>Leaderboard</h2>", _table(LEADERBOARD_HEADERS, rows, classes, left={1, 5, 12})]
+    left = {i for i, h in enumerate(headers) if h in LEFT_COLUMNS}
+    parts += ["<h2>Leaderboard</h2>", _table(headers, rows, classes, left=left)]
     imp = report.importances
     parts.append(f"<h2>Parameter importances</h2><p class='note'>{html.escape(imp.evaluator)} (Optuna's default "
                  f"evaluator) over {imp.trials} COMPLETE trial(s). {html.escape(imp.note)}</p>")

@@ -1,6 +1,7 @@
 """Price scoring: batched constrained greedy decoding, the expected-value read-out, metrics and baselines.
 
-Knows nothing of Optuna or of how a model was trained: it takes a causal LM, a tokenizer and prompts.
+Knows nothing of Optuna or of how a model was trained: it takes a causal LM, a tokenizer and prompts, and the
+name of the adapter to score (`lora.routing` gives it the rows).
 
 The greedy scorer decodes what a price can be and nothing else: digits, at most one decimal point with at most two
 decimals, and the end. Every row of a batch stops as soon as its number is complete, and the batch stops when every
@@ -25,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from . import lora
 
 HIT_ABS, HIT_REL = 40.0, 0.20
 NEAR_ABS, NEAR_REL = 80.0, 0.40
@@ -127,10 +130,9 @@ def max_integer_digits(max_price: float) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _route(model, adapter: str | None, rows: int) -> None:
-    router = getattr(model, "_tuner_router", None)
-    if router is not None:
-        router.segments = [(adapter, 0, rows)] if adapter else []
+def _rows_of(adapter: str | None, rows: int) -> list[tuple]:
+    """`lora.routing`'s segments for a batch of one adapter's rows (none: the base model alone)."""
+    return [(adapter, 0, rows)] if adapter else []
 
 
 def _cache_kw(model) -> str:
@@ -186,23 +188,23 @@ class PriceScorer:
         prefix_len = min(prefix_len, min((len(s) for s in ids), default=1) - 1)  # leave every row a suffix
         prefix_cache = None
         if prefix_len > 0:
-            _route(model, adapter, 1)
             pre = torch.tensor([ids[0][:prefix_len]], device=device)
-            res = model(input_ids=pre, use_cache=True, logits_to_keep=1, **{_cache_kw(model): None})
+            with lora.routing(model, _rows_of(adapter, 1)):
+                res = model(input_ids=pre, use_cache=True, logits_to_keep=1, **{_cache_kw(model): None})
             prefix_cache = _out_cache(res)
         try:
             for b in range(0, len(order), self.batch_size):
                 idx = order[b:b + self.batch_size]
                 batch = [ids[i][prefix_len:] for i in idx]
-                if self.method == "greedy":
-                    preds, n = self._greedy(model, batch, prefix_len, prefix_cache, device, adapter)
-                    steps += n
-                else:
-                    preds = self._expected_value(model, batch, device, adapter)
+                with lora.routing(model, _rows_of(adapter, len(batch))):
+                    if self.method == "greedy":
+                        preds, n = self._greedy(model, batch, prefix_len, prefix_cache, device)
+                        steps += n
+                    else:
+                        preds = self._expected_value(model, batch, device)
                 for i, p in zip(idx, preds):
                     out[i] = p
         finally:
-            _route(model, None, 0)
             if was_training:
                 model.train()
         if device.type == "cuda":
@@ -219,9 +221,8 @@ class PriceScorer:
             mask[r, width - len(s):] = 1
         return input_ids.to(device), mask.to(device)
 
-    def _greedy(self, model, seqs, prefix_len, prefix_cache, device, adapter) -> tuple[list[Prediction], int]:
+    def _greedy(self, model, seqs, prefix_len, prefix_cache, device) -> tuple[list[Prediction], int]:
         rows = len(seqs)
-        _route(model, adapter, rows)
         input_ids, mask = self._left_pad(seqs, device)
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
@@ -289,11 +290,10 @@ class PriceScorer:
             preds.append(Prediction(text=text, value=parse_price(text), off_grammar_steps=int(off[r])))
         return preds, steps
 
-    def _expected_value(self, model, seqs, device, adapter) -> list[Prediction]:
+    def _expected_value(self, model, seqs, device) -> list[Prediction]:
         """The course's read-out for tokenizers with multi-digit number tokens: one forward pass, the probability-
         weighted mean of the top-k next tokens that read as numbers."""
         rows = len(seqs)
-        _route(model, adapter, rows)
         input_ids, mask = self._left_pad(seqs, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         res = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)

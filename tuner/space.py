@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from .config import Dim, SweepConfig
@@ -63,11 +63,27 @@ class TrialParams:
         return cls(**d)
 
 
+# Every sampled setting but the model, r and alpha (which have shapes of their own), by section of the sweep file,
+# with its type. Sampling, the study's signature and grid spaces are all read off these tables. The order is the
+# order of the `suggest` calls, which a seeded sampler's draws depend on.
+SEARCH_SETTINGS: dict[str, type] = {"target_modules": str, "dropout": float, "quant_bits": int, "learning_rate": float}
+TRAIN_SETTINGS: dict[str, type] = {"epochs": int, "batch_size": int, "grad_accum": int, "max_length": int,
+                                   "optimizer": str, "scheduler": str, "warmup_ratio": float, "weight_decay": float,
+                                   "max_grad_norm": float}
+
+
+def setting_dims(cfg: SweepConfig) -> dict[str, tuple[Dim, type]]:
+    """Each table setting's dimension in this sweep, with its type."""
+    out = {name: (getattr(cfg.search, name), kind) for name, kind in SEARCH_SETTINGS.items()}
+    out.update({name: (getattr(cfg.train, name), kind) for name, kind in TRAIN_SETTINGS.items()})
+    return out
+
+
 def _suggest(trial: Suggester, name: str, dim: Dim, kind: type) -> Any:
     if dim.kind == "fixed":
-        return dim.value
+        return kind(dim.value)
     if dim.kind == "choices":
-        return trial.suggest_categorical(name, list(dim.choices))
+        return kind(trial.suggest_categorical(name, list(dim.choices)))
     if kind is int:
         return trial.suggest_int(name, int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
     return trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
@@ -88,32 +104,14 @@ def sample(trial: Suggester, cfg: SweepConfig,
         alpha = float(s.alpha.value)
     else:
         alpha = float(_suggest(trial, "alpha_ratio", s.alpha.ratio, float)) * r
-    target_set = _suggest(trial, "target_modules", s.target_modules, str)
+    values = {name: _suggest(trial, name, dim, kind) for name, (dim, kind) in setting_dims(cfg).items()}
+    target_set = values.pop("target_modules")
     wanted = s.target_set(target_set)
     if isinstance(available_modules, dict):
         available_modules = available_modules[model]
     modules = tuple(m for m in wanted if available_modules is None or m in available_modules)
-    return TrialParams(
-        r=r,
-        alpha=alpha,
-        dropout=float(_suggest(trial, "dropout", s.dropout, float)),
-        target_set=target_set,
-        target_modules=modules,
-        quant_bits=int(_suggest(trial, "quant_bits", s.quant_bits, int)),
-        learning_rate=float(_suggest(trial, "learning_rate", s.learning_rate, float)),
-        epochs=int(_suggest(trial, "epochs", t.epochs, int)),
-        batch_size=int(_suggest(trial, "batch_size", t.batch_size, int)),
-        grad_accum=int(_suggest(trial, "grad_accum", t.grad_accum, int)),
-        max_length=int(_suggest(trial, "max_length", t.max_length, int)),
-        optimizer=_suggest(trial, "optimizer", t.optimizer, str),
-        scheduler=_suggest(trial, "scheduler", t.scheduler, str),
-        warmup_ratio=float(_suggest(trial, "warmup_ratio", t.warmup_ratio, float)),
-        weight_decay=float(_suggest(trial, "weight_decay", t.weight_decay, float)),
-        max_grad_norm=float(_suggest(trial, "max_grad_norm", t.max_grad_norm, float)),
-        seed=t.seed,
-        max_steps=t.max_steps,
-        model=model,
-    )
+    return TrialParams(r=r, alpha=alpha, target_set=target_set, target_modules=modules, **values, seed=t.seed,
+                       max_steps=t.max_steps, model=model)
 
 
 def space_signature(cfg: SweepConfig) -> dict:
@@ -132,13 +130,31 @@ def space_signature(cfg: SweepConfig) -> dict:
         "objective": cfg.study.objective,
         "r": [s.r.min, s.r.max],
         "alpha": s.alpha.value if s.alpha.value is not None else {"ratio": dim(s.alpha.ratio)},
-        "dropout": dim(s.dropout), "target_modules": dim(s.target_modules),
+        **{k: dim(getattr(s, k)) for k in SEARCH_SETTINGS},
         "target_sets": {k: s.target_set(k) for k in s.target_modules.values()},
-        "quant_bits": dim(s.quant_bits), "learning_rate": dim(s.learning_rate),
-        "train": {k: dim(getattr(t, k)) for k in ("epochs", "batch_size", "grad_accum", "max_length", "optimizer",
-                                                    "scheduler", "warmup_ratio", "weight_decay", "max_grad_norm")}
-                 | {"seed": t.seed, "max_steps": t.max_steps},
+        "train": {k: dim(getattr(t, k)) for k in TRAIN_SETTINGS} | {"seed": t.seed, "max_steps": t.max_steps},
     }
+
+
+def grid_space(cfg: SweepConfig) -> dict[str, list]:
+    """Optuna's GridSampler space: every sampled setting must be fixed or a list of choices."""
+    from .config import ConfigError
+
+    space: dict[str, list] = {}
+    if not cfg.model.is_fixed:
+        space["model"] = cfg.model.keys()
+    ranks = cfg.search.r.values()
+    if len(ranks) > 1:
+        space["r_exp"] = [int(math.log2(r)) for r in ranks]
+    dims = {name: dim for name, (dim, _) in setting_dims(cfg).items()}
+    if cfg.search.alpha.value is None:
+        dims["alpha_ratio"] = cfg.search.alpha.ratio
+    for name, dim in dims.items():
+        if dim.kind == "range":
+            raise ConfigError(cfg.source_file, name, "a fixed value or {choices: [...]} with study.sampler.type grid")
+        if dim.kind == "choices":
+            space[name] = list(dim.choices)
+    return space
 
 
 def signature_diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -102,10 +102,22 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
 # Budget slots
 
 
+def db_now(conn) -> dt.datetime:
+    """The database's clock, as a naive UTC datetime. Workers on several machines share one database but not one
+    clock, so a slot's age is measured on the database's."""
+    now = conn.execute(sa.select(sa.func.current_timestamp())).scalar_one()
+    if isinstance(now, str):  # SQLite: 'YYYY-MM-DD HH:MM:SS', in UTC
+        now = dt.datetime.fromisoformat(now)
+    if now.tzinfo is not None:
+        now = now.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return now
+
+
 def claim_slot(engine, study_name: str, budget: int) -> int | None:
     """Claim the lowest free slot below `budget`; None when the budget is spent. Atomic across processes."""
-    stale_before = dt.datetime.now() - dt.timedelta(minutes=30)
     with engine.begin() as conn:
+        now = db_now(conn)
+        stale_before = now - dt.timedelta(minutes=30)
         # A worker that died between claiming and asking leaves a slot with no trial; give it back after a while.
         conn.execute(sa.delete(slots_table).where(slots_table.c.study_name == study_name,
                                                   slots_table.c.trial_number.is_(None),
@@ -118,7 +130,7 @@ def claim_slot(engine, study_name: str, budget: int) -> int | None:
         try:
             with engine.begin() as conn:
                 conn.execute(sa.insert(slots_table).values(study_name=study_name, slot=slot, trial_number=None,
-                                                           worker=worker_id(), claimed_at=dt.datetime.now()))
+                                                           worker=worker_id(), claimed_at=now))
             return slot
         except sa.exc.IntegrityError:
             continue
@@ -134,12 +146,6 @@ def bind_slot(engine, study_name: str, slot: int, trial_number: int) -> None:
 def release_slot(engine, study_name: str, slot: int) -> None:
     with engine.begin() as conn:
         conn.execute(sa.delete(slots_table).where(slots_table.c.study_name == study_name, slots_table.c.slot == slot))
-
-
-def slots_used(engine, study_name: str) -> int:
-    with engine.connect() as conn:
-        return conn.execute(sa.select(sa.func.count()).select_from(slots_table)
-                            .where(slots_table.c.study_name == study_name)).scalar_one()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,17 +8,14 @@ shows them with no help from tuner).
 from __future__ import annotations
 
 import json
-import math
-import os
-from dataclasses import dataclass
-from typing import Any
+import warnings
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .config import SweepConfig
 from .errors import StorageError, TunerError
-from .space import signature_diff, signature_hash, space_signature
+from .space import grid_space, signature_diff, signature_hash, space_signature
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -35,29 +32,6 @@ def make_sampler(cfg: SweepConfig, seed_offset: int = 0) -> optuna.samplers.Base
         return optuna.samplers.GridSampler(grid_space(cfg), seed=seed)
     # constant_liar: with several workers, running trials count as bad guesses so that workers spread out.
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials, constant_liar=True)
-
-
-def grid_space(cfg: SweepConfig) -> dict[str, list]:
-    from .config import ConfigError
-
-    space: dict[str, list] = {}
-    if not cfg.model.is_fixed:
-        space["model"] = cfg.model.keys()
-    ranks = cfg.search.r.values()
-    if len(ranks) > 1:
-        space["r_exp"] = [int(math.log2(r)) for r in ranks]
-    dims = {"dropout": cfg.search.dropout, "target_modules": cfg.search.target_modules,
-            "quant_bits": cfg.search.quant_bits, "learning_rate": cfg.search.learning_rate,
-            **{k: getattr(cfg.train, k) for k in ("epochs", "batch_size", "grad_accum", "max_length", "optimizer",
-                                                   "scheduler", "warmup_ratio", "weight_decay", "max_grad_norm")}}
-    if cfg.search.alpha.value is None:
-        dims["alpha_ratio"] = cfg.search.alpha.ratio
-    for name, dim in dims.items():
-        if dim.kind == "range":
-            raise ConfigError(cfg.source_file, name, "a fixed value or {choices: [...]} with study.sampler.type grid")
-        if dim.kind == "choices":
-            space[name] = list(dim.choices)
-    return space
 
 
 def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
@@ -120,45 +94,6 @@ def load_study(storage, name: str | None) -> optuna.Study:
 # Reading trials back
 
 
-@dataclass
-class TrialRow:
-    number: int
-    state: str
-    value: float | None
-    attrs: dict
-    params: dict
-    duration_s: float | None
-    is_best: bool = False
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.attrs.get(key, default)
-
-
-def tell(study: optuna.Study, trial, values=None, state: TrialState | None = None, **kwargs) -> None:
-    """`study.tell` for trials run outside `study.optimize` (all of tuner's). GridSampler.after_trial calls
-    `study.stop()` once the grid is used up, and `stop()` raises outside `optimize()`; Optuna writes the trial's state
-    regardless (in a `finally`), so the exception would report a finished trial as failed. Worker loops stop on
-    their own budget, so marking the tell as "inside the loop" only lets `stop()` set its flag."""
-    local = study._thread_local
-    inside = local.in_optimize_loop
-    local.in_optimize_loop = True
-    try:
-        study.tell(trial, values, state=state, **kwargs)
-    finally:
-        local.in_optimize_loop = inside
-
-
-def trial_rows(study: optuna.Study) -> list[TrialRow]:
-    best = best_trial(study)
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
-            else None
-        rows.append(TrialRow(t.number, t.state.name, t.value, dict(t.user_attrs), dict(t.params), dur,
-                             best is not None and t.number == best.number))
-    return rows
-
-
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     try:
         return study.best_trial
@@ -184,3 +119,61 @@ def set_baseline(study: optuna.Study, key: str, metrics: dict) -> None:
 def running_elsewhere(study: optuna.Study, mine: set[int]) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
                if t.number not in mine)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optuna internals. tuner runs trials outside `study.optimize` (a group of trials trains at once, on a base that
+# outlives them), which Optuna's public API does not serve in full; every private name it touches is here.
+
+
+def trial_id(trial: optuna.Trial) -> int:
+    """The storage's id of a live trial (heartbeats, state changes and retries are keyed by it). `Trial` keeps it
+    private; `FrozenTrial._trial_id` likewise."""
+    return trial._trial_id
+
+
+def frozen(study: optuna.Study, tid: int) -> FrozenTrial:
+    """A trial as the storage holds it now. `Study.get_trials` reads every trial; the storage reads one, and the
+    study's storage is private."""
+    return study._storage.get_trial(tid)
+
+
+def frozen_by_number(study: optuna.Study, number: int) -> FrozenTrial:
+    """A trial by its number, read from the storage (the study's id in the storage is private)."""
+    storage = study._storage
+    return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+
+
+def ask(study: optuna.Study) -> optuna.Trial:
+    """`study.ask`, which warns that heartbeats are meant for `Study.optimize`: tuner's worker beats for every
+    trial it holds itself (`runtime.Heartbeat`), so the warning says nothing to a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        return study.ask()
+
+
+def pop_waiting(study: optuna.Study) -> int | None:
+    """A WAITING trial (a retry, or one enqueued by hand) moved to RUNNING for this worker, or None; as
+    `Study._pop_waiting_trial_id` does inside `ask`, which is private. The RUNNING transition is atomic in the
+    storage, so a queued trial goes to exactly one worker."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                return t._trial_id
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def tell(study: optuna.Study, trial, values=None, state: TrialState | None = None, **kwargs) -> None:
+    """`study.tell` for trials run outside `study.optimize` (all of tuner's). GridSampler.after_trial calls
+    `study.stop()` once the grid is used up, and `stop()` raises outside `optimize()`; Optuna writes the trial's state
+    regardless (in a `finally`), so the exception would report a finished trial as failed. Worker loops stop on
+    their own budget, so marking the tell as "inside the loop" only lets `stop()` set its flag."""
+    local = study._thread_local
+    inside = local.in_optimize_loop
+    local.in_optimize_loop = True
+    try:
+        study.tell(trial, values, state=state, **kwargs)
+    finally:
+        local.in_optimize_loop = inside

@@ -1,104 +1,29 @@
-"""Training: LoRA adapters on one frozen base, in one loop you can read top to bottom.
-
-A `TrialRun` is one trial's training: its adapter, optimizer, scheduler, data order and history. `train_group`
-trains any number of them on one base at once (one run is the ordinary case). Every tick each active run
-contributes its next micro-batch; the base runs once over the concatenated rows; each run's loss is taken over its
-own rows only and normalised by the completion tokens of its own optimizer step, so its gradients are exactly the
-ones it would get alone. A run whose step is complete clips its own gradients and steps its own optimizer and
-scheduler. Runs finish, fail or get pruned independently, and `supplier` may hand in new runs as places free up.
+"""One trial's training: `TrialRun` (its adapter, optimizer, scheduler, step schedule, history and evaluations),
+how the optimizer and schedule are built, and the `ExecutionPlan` that records how its steps were executed.
 
 The math of a step is the recipe's SFTTrainer step: causal LM loss on the completion tokens only (the price and
 the end-of-sequence token), summed over the effective batch and divided by its number of completion tokens, AdamW
-(weight decay on every LoRA weight), a warmup + decay schedule, gradient clipping at `max_grad_norm`. Rows are
-left-padded with explicit position ids, which gives the same values as right padding and puts every completion at
-the end, so the LM head runs over the last few positions only (on SmolLM2 its 49k-wide vocabulary is a fifth of the
-compute otherwise).
+(weight decay on every LoRA weight), a warmup + decay schedule, gradient clipping at `max_grad_norm`. A run's step
+may be cut into micro-batches; which rows go together is not part of the math. `loop.train_group` drives any number
+of runs on one base; a run knows nothing of the others.
 
 How a step is executed (micro-batch size, gradient checkpointing) never changes what it computes; it is recorded.
 """
 
 from __future__ import annotations
 
-import gc
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from . import lora
-from .data import Example
-from .errors import Interrupted, TrialFailure, TrialPruned
-from .models import repacked_layers
+from . import checkpoints, lora
+from .batches import Encoded, micro_batches, step_schedule, steps_per_epoch
+from .errors import TrialFailure
 from .space import TrialParams
-
-CHECKPOINT_PREFIX = "step-"
-STATE_FILE = "train_state.pt"
-OWNER_FILE = "owner.txt"
-
-
-def _read_owner(folder: Path) -> str | None:
-    try:
-        return (folder / OWNER_FILE).read_text().strip()
-    except OSError:
-        return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass(frozen=True)
-class Encoded:
-    input_ids: tuple[int, ...]
-    n_prompt: int  # tokens before the completion; the loss covers input_ids[n_prompt:]
-
-    @property
-    def n_completion(self) -> int:
-        return len(self.input_ids) - self.n_prompt
-
-
-def encode(tokenizer, examples: Iterable[Example], max_length: int) -> tuple[list[Encoded], int]:
-    """Tokenize prompt and prompt+completion the way trl's SFTTrainer does (the completion starts where the two
-    diverge; an end-of-sequence token is appended). Rows longer than `max_length` are dropped and counted: cutting
-    them would cut the price, which is the only thing the loss looks at."""
-    eos = tokenizer.eos_token_id
-    out, too_long = [], 0
-    for ex in examples:
-        p = tokenizer(ex.prompt)["input_ids"]
-        pc = tokenizer(ex.prompt + ex.completion)["input_ids"]
-        n = 0
-        while n < min(len(p), len(pc)) and p[n] == pc[n]:
-            n += 1
-        ids = tuple(pc) + (eos,)
-        if len(ids) > max_length:
-            too_long += 1
-            continue
-        out.append(Encoded(ids, n))
-    return out, too_long
-
-
-def step_schedule(n_rows: int, params: TrialParams) -> list[list[int]]:
-    """Row indices of every optimizer step, all epochs: a seeded permutation per epoch, cut into effective batches
-    (the last one of an epoch may be smaller, as with the Trainer's default), capped at `max_steps`."""
-    steps: list[list[int]] = []
-    eff = params.effective_batch
-    for epoch in range(params.epochs):
-        g = torch.Generator().manual_seed(params.seed * 1000 + epoch)
-        perm = torch.randperm(n_rows, generator=g).tolist()
-        steps += [perm[i:i + eff] for i in range(0, n_rows, eff)]
-    if params.max_steps is not None:
-        steps = steps[: params.max_steps]
-    return steps
-
-
-def steps_per_epoch(n_rows: int, params: TrialParams) -> int:
-    return math.ceil(n_rows / params.effective_batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,21 +57,6 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weigh
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay), "torch.optim.SGD"
     raise ValueError(f"unknown optimizer {name!r}")
-
-
-# Per-parameter optimizer state that has its parameter's shape (torch's AdamW and SGD, bitsandbytes' state1/2).
-_SHAPED_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "state1", "state2")
-
-
-def _check_state_shapes(optimizer) -> None:
-    """torch's load_state_dict matches state to parameters by position, not shape: a checkpoint whose state does
-    not fit (written before B was held transposed as [r, out]) would load, then fail at the first step."""
-    for p, state in optimizer.state.items():
-        for key in _SHAPED_STATE:
-            v = state.get(key)
-            if torch.is_tensor(v) and v.shape != p.shape:
-                raise ValueError(f"optimizer state {key} has shape {tuple(v.shape)}, its parameter "
-                                 f"{tuple(p.shape)}")
 
 
 def make_scheduler(name: str, optimizer, total_steps: int, warmup_ratio: float):
@@ -277,64 +187,28 @@ class TrialRun:
                                                             p.warmup_ratio)
         self._resume()
         self.status = "running"
-        self._begin_step()
+        self.begin_step()
 
     def _resume(self) -> None:
-        """Continue from the newest readable checkpoint; a corrupted one is skipped with a note, falling back to the
-        one before it or to a fresh start."""
-        foreign = []
-        for folder in sorted(self.checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
-            if self.owner is not None:
-                owner = _read_owner(folder)
-                if owner != self.owner:
-                    foreign.append(folder)
-                    self.skipped_checkpoints.append(f"{folder.name}: written by {owner or 'an unknown run'}, "
-                                                    f"not by this trial; removed")
-                    continue
-            try:
-                state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-                _, tensors = lora.load_adapter_state(folder / "adapter")
-                self.adapter.load_state_dict(tensors)
-                self._optimizer.load_state_dict(state["optimizer"])
-                _check_state_shapes(self._optimizer)
-                self._scheduler.load_state_dict(state["scheduler"])
-            except Exception as exc:  # any unreadable piece makes the whole checkpoint unusable
-                self.skipped_checkpoints.append(f"{folder.name}: {type(exc).__name__}: {exc}"[:300])
-                continue
-            self._remove(foreign)
-            self.step = self.resumed_from_step = int(state["step"])
-            self.ticks = int(state["ticks"])
-            self.history = list(state["history"])
-            self.evals = list(state.get("evals", []))
-            self.best = state.get("best")
-            best_file = self.checkpoint_root / "best.safetensors"
-            if self.best is not None and best_file.is_file():
-                from safetensors.torch import load_file
-
-                self._best_state = load_file(str(best_file))
-            elif self.best is not None:
-                self.best = None  # its adapter is gone: only what can be kept counts
+        """Continue from the newest readable checkpoint of this trial, if there is one."""
+        found = checkpoints.resume(self.checkpoint_root, self.owner, self.adapter, self._optimizer, self._scheduler,
+                                   self.skipped_checkpoints)
+        if found is None:
             return
-        self._remove(foreign)
+        state, best_state = found
+        self.step = self.resumed_from_step = int(state["step"])
+        self.ticks = int(state["ticks"])
+        self.history = list(state["history"])
+        self.evals = list(state.get("evals", []))
+        # The best evaluation counts only while its adapter is still there to be kept.
+        self.best = state.get("best") if best_state is not None else None
+        self._best_state = best_state
 
-    def _remove(self, foreign: list[Path]) -> None:
-        """Another run's checkpoints would otherwise count as this trial's newest and push its own out."""
-        for folder in foreign:
-            shutil.rmtree(folder, ignore_errors=True)
-        own = [f for f in self.checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*") if _read_owner(f) == self.owner]
-        if foreign and not own:
-            (self.checkpoint_root / "best.safetensors").unlink(missing_ok=True)
-
-    def _begin_step(self) -> None:
+    def begin_step(self) -> None:
         if self.step >= self.total_steps:
             return
         rows = self._schedule[self.step]
-        mb = self.plan.micro_batch
-        if mb < len(rows):
-            # Which micro-batch a row lands in is not part of the math (the step sums over all of them), so rows of
-            # similar length go together and pad less.
-            rows = sorted(rows, key=lambda i: len(self.rows[i].input_ids))
-        self._micro_batches = [rows[i:i + mb] for i in range(0, len(rows), mb)]
+        self._micro_batches = micro_batches(rows, self.rows, self.plan.micro_batch)
         self._micro_index = 0
         self._step_tokens = sum(self.rows[i].n_completion for i in rows)
         self._step_loss = 0.0
@@ -343,7 +217,16 @@ class TrialRun:
     def restart_step(self) -> None:
         """Drop the partial accumulation of the current step (after an OOM) and start it again."""
         self.adapter.zero_grad()
-        self._begin_step()
+        self.begin_step()
+
+    @property
+    def step_tokens(self) -> int:
+        """Completion tokens of the current optimizer step: every micro-batch's loss is divided by it."""
+        return self._step_tokens
+
+    def release(self) -> None:
+        """The run has left its group: its optimizer state is garbage."""
+        self._optimizer = self._scheduler = None
 
     def next_micro(self) -> list[Encoded]:
         return [self.rows[i] for i in self._micro_batches[self._micro_index]]
@@ -422,6 +305,7 @@ class TrialRun:
         return every or (self.params.epochs > 1 and self.step % self.steps_per_epoch == 0)
 
     def record_eval(self, value: float | None) -> None:
+        self._checked_after_eval = False  # scoring ran no-grad forwards: check the gradients at the next step
         if value is None or not math.isfinite(value):
             return
         epoch = math.ceil(self.step / self.steps_per_epoch)
@@ -465,45 +349,19 @@ class TrialRun:
         return out
 
     def _save_best_on_disk(self) -> None:
-        from safetensors.torch import save_file
-
-        folder = self.checkpoint_root
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".best-{os.getpid()}.safetensors"
-        save_file({k: v.contiguous() for k, v in self._best_state.items()}, str(tmp),
-                  metadata={"step": str(self.best["step"]), "value": repr(self.best["value"])})
-        os.replace(tmp, folder / "best.safetensors")
+        checkpoints.save_best(self.checkpoint_root, self._best_state, self.best["step"], self.best["value"])
 
     def due_checkpoint(self) -> bool:
         return bool(self.checkpoint_every) and self.step % self.checkpoint_every == 0 and not self.done
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def save_checkpoint(self, base_name: str) -> Path:
-        final = self.checkpoint_root / f"{CHECKPOINT_PREFIX}{self.step:06d}"
-        if (final / STATE_FILE).exists():
-            return final
-        tmp = self.checkpoint_root / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        lora.save_adapter(self.adapter, tmp / "adapter", base_name)
-        if self.owner is not None:
-            (tmp / OWNER_FILE).write_text(self.owner)
-        torch.save({"step": self.step, "ticks": self.ticks, "history": self.history, "evals": self.evals,
-                    "best": self.best, "optimizer": self._optimizer.state_dict(),
-                    "scheduler": self._scheduler.state_dict(), "params": self.params.to_dict()}, tmp / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        old = sorted(self.checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*"))[: -self.keep_checkpoints]
-        best_step = self.best["step"] if self.best else None
-        for folder in old:
-            if best_step is not None and folder.name == f"{CHECKPOINT_PREFIX}{best_step:06d}":
-                continue  # the best one stays: `tuner promote --checkpoint` may want it
-            shutil.rmtree(folder, ignore_errors=True)
-        return final
-
-    def latest_checkpoint_step(self) -> int | None:
-        found = sorted(self.checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*"))
-        return int(found[-1].name.removeprefix(CHECKPOINT_PREFIX)) if found else None
+        state = {"step": self.step, "ticks": self.ticks, "history": self.history, "evals": self.evals,
+                 "best": self.best, "optimizer": self._optimizer.state_dict(),
+                 "scheduler": self._scheduler.state_dict(), "params": self.params.to_dict()}
+        return checkpoints.write(self.checkpoint_root, self.step, adapter=self.adapter, base_name=base_name,
+                                 owner=self.owner, state=state, keep=self.keep_checkpoints,
+                                 best_step=self.best["step"] if self.best else None)
 
     def stats(self) -> dict:
         secs = max(self.train_seconds, 1e-9)
@@ -513,296 +371,3 @@ class TrialRun:
                 "warmup_steps": self.warmup_steps, "execution": self.plan.to_dict() if self.plan else None,
                 "evaluations": self.evals, "kept": self.kept, "epoch_boundaries": self.epoch_boundaries(),
                 "overfit_epochs": [b["epoch"] for b in self.epoch_boundaries() if b["flagged"]]}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The loop
-
-
-def _collate(parts: list[tuple[TrialRun, list[Encoded]]], pad_id: int, device):
-    """Left-pad every row to the longest; one segment per run. Each segment also carries its own padded length
-    (what the run's micro-batch would be padded to alone), so its dropout masks do not depend on its neighbours."""
-    rows = [e for _, es in parts for e in es]
-    width = max(len(e.input_ids) for e in rows)
-    comp = max(e.n_completion for e in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), comp), -100, dtype=torch.long)
-    for i, e in enumerate(rows):
-        n = len(e.input_ids)
-        ids[i, width - n:] = torch.tensor(e.input_ids)
-        mask[i, width - n:] = 1
-        labels[i, comp - e.n_completion:] = torch.tensor(e.input_ids[e.n_prompt:])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    segments, start = [], 0
-    for run, es in parts:
-        own = max(len(e.input_ids) for e in es)
-        segments.append((run.name, start, start + len(es), own))
-        start += len(es)
-    return (ids.to(device), mask.to(device), positions.to(device), labels.to(device), segments, comp)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
-
-
-def _injected_nan(run: TrialRun, loss: float | None) -> float | None:
-    """Test hook: TUNER_INJECT_NAN_AT_STEP=N makes the loss of step N not finite, as a diverging run's would be."""
-    at = os.environ.get("TUNER_INJECT_NAN_AT_STEP")
-    return float("nan") if at and run.step + 1 == int(at) else loss
-
-
-def _injected_oom(run: TrialRun) -> None:
-    """Test hook: TUNER_INJECT_OOM_AT_STEP=N raises the framework's own OOM error when a run that has not yet
-    halved its micro-batch reaches step N; `N:always` raises it on every attempt at step N."""
-    at = os.environ.get("TUNER_INJECT_OOM_AT_STEP")
-    if not at:
-        return
-    step, _, mode = at.partition(":")
-    if run.step + 1 == int(step) and (mode == "always" or run.plan.oom_halvings == 0):
-        raise torch.OutOfMemoryError(f"injected out-of-memory at step {step} (TUNER_INJECT_OOM_AT_STEP)")
-
-
-def train_group(base, runs: list[TrialRun], *, supplier: Callable[[int], list[TrialRun]] | None = None,
-                stop: Callable[[], bool] | None = None,
-                on_done: Callable[[TrialRun], None] | None = None,
-                gradient_checkpointing: bool | str = "auto", capacity: int | None = None,
-                fused: bool = True) -> list[TrialRun]:
-    """Train `runs` together on `base` until each completes, fails or is pruned. `supplier(free)` is asked for up
-    to `free` more runs whenever one leaves (`capacity`, default len(runs), is the group's size). `on_done(run)` is
-    called while the run's adapter is still attached (to score and save it), then the adapter is removed.
-
-    Gradient checkpointing: "auto" starts without it (faster) and turns it on at the first out-of-memory error,
-    before any micro-batch is halved; True/False force it.
-
-    `fused` (the default) runs the frozen base once over every run's rows; otherwise each run's micro-batch takes
-    its own pass in the same tick. bench/cotrain.py (SmolLM2, 4-bit, batch 4 per trial, medians of 3 alternating
-    rounds) on a 2-core AVX512-BF16 CPU: fused K=2 and K=4 1.14x and 1.16x the rows/s of one trial, interleaved
-    1.05x and 1.03x (earlier code on 2 fp32 cores: fused 1.23x and 1.41x). Returns every run that took part."""
-    model, device = base.model, base.device
-    router = lora.router_of(model)
-    pad_id = base.tokenizer.pad_token_id
-    capacity = capacity or len(runs)
-    active: list[TrialRun] = []
-    seen: list[TrialRun] = []
-    group = {"checkpointing": gradient_checkpointing is True, "auto": gradient_checkpointing == "auto",
-             "attention": getattr(model.config, "_attn_implementation", None)}
-
-    def admit(new: list[TrialRun]) -> None:
-        for run in new:
-            seen.append(run)
-            try:
-                run.start(model, device)
-            except TrialFailure as exc:
-                run.status, run.error = "failed", exc
-                finish(run)
-                continue
-            run.plan.gradient_checkpointing = group["checkpointing"]
-            run.plan.attention = group["attention"]
-            run.plan.cotrain_mode = "fused" if fused else "interleaved"
-            if run.done:  # resumed from a checkpoint at the last step
-                run.keep_best()
-                run.status = "completed"
-                finish(run)
-                continue
-            active.append(run)
-
-    def finish(run: TrialRun) -> None:
-        if run in active:
-            active.remove(run)
-        try:
-            if on_done is not None:
-                on_done(run)
-        finally:
-            if run.adapter is not None:
-                lora.detach(model, run.adapter)
-            run._optimizer = run._scheduler = None
-
-    def set_checkpointing(on: bool) -> None:
-        # transformers 5 renamed gradient to activation checkpointing (the old names warn on every call)
-        if on:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif model.is_activation_checkpointing:
-            model.activation_checkpointing_disable()
-        group["checkpointing"] = on
-
-    set_checkpointing(group["checkpointing"])
-    admit(runs)
-    try:
-        while True:
-            if supplier is not None and len(active) < capacity:
-                new = supplier(capacity - len(active))
-                if new:
-                    admit(new)
-            if not active:
-                break
-            if stop is not None and stop():
-                for run in list(active):
-                    _interrupt(run, base)
-                    finish(run)
-                break
-            for run in active:
-                run.plan.group_size = max(run.plan.group_size, len(active))
-            parts = [(run, run.next_micro()) for run in active]
-            t0 = time.perf_counter()
-            try:
-                for run, _ in parts:
-                    _injected_oom(run)
-                if fused:
-                    losses = _forward_backward(model, router, parts, pad_id, device)
-                    elapsed = [(time.perf_counter() - t0) / len(parts)] * len(parts)
-                else:
-                    losses, elapsed = [], []
-                    for part in parts:
-                        t1 = time.perf_counter()
-                        losses += _forward_backward(model, router, [part], pad_id, device)
-                        elapsed.append(time.perf_counter() - t1)
-            except BaseException as exc:
-                if not _is_oom(exc):
-                    raise
-                if group["auto"] and not group["checkpointing"]:
-                    _clear_partial_steps(active, device)
-                    set_checkpointing(True)
-                    for run in active:
-                        run.plan.gradient_checkpointing = True
-                        run.plan.oom_events += 1
-                        run.restart_step()
-                else:
-                    _recover_from_oom(active, finish, exc, device)
-                continue
-            stepping = []
-            for (run, es), loss, secs in zip(parts, losses, elapsed):
-                run.train_seconds += secs
-                loss = _injected_nan(run, loss)
-                if loss is None or not math.isfinite(loss):
-                    run.status = "failed"
-                    run.error = TrialFailure("nan_loss", f"loss is not finite at step {run.step + 1}")
-                    finish(run)
-                    continue
-                if run.after_micro(loss, len(es), sum(len(e.input_ids) for e in es)):
-                    stepping.append(run)
-            norms = [run.grad_norm() for run in stepping]
-            for run, norm, norm_f in zip(stepping, norms, torch.stack(norms).tolist() if norms else []):
-                try:
-                    grad_norm = run.check_gradients(norm, norm_f)
-                    record = run.optimizer_step(grad_norm)
-                    run.hooks.on_step(run, record)
-                    if run.due_checkpoint():
-                        path = run.save_checkpoint(base.resolved.name)
-                        run.hooks.on_checkpoint(run, run.step, path)
-                    if run.due_eval():
-                        result = run.hooks.on_evaluate(run, run.step)
-                        value, prune = (None, result) if isinstance(result, bool) or result is None \
-                            else (result.value, result.prune)
-                        run.record_eval(value)
-                        run._checked_after_eval = False
-                        repacked = repacked_layers(base.model)
-                        if repacked:
-                            raise TrialFailure("repacked_base", f"{len(repacked)} 4-bit layers were repacked for "
-                                               f"inference by bitsandbytes after an evaluation pass at step "
-                                               f"{run.step} (first: {repacked[0]}); gradients through them are "
-                                               f"cut, so training on would be wrong")
-                        if prune and not run.done:
-                            raise TrialPruned(run.step, float("nan") if value is None else value)
-                    if run.done:
-                        run.keep_best()
-                        run.status = "completed"
-                        finish(run)
-                        continue
-                    run._begin_step()
-                except (TrialFailure, TrialPruned) as exc:
-                    run.status = "pruned" if isinstance(exc, TrialPruned) else "failed"
-                    run.error = exc
-                    finish(run)
-    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint, but every trial is handed back
-        for run in list(active):
-            run.status, run.error = "interrupted", Interrupted(None)
-            finish(run)
-        raise
-    except BaseException as exc:  # a bug or an infrastructure error: fail what is running, visibly
-        for run in list(active):
-            run.status = "failed"
-            run.error = TrialFailure("error", f"{type(exc).__name__}: {exc}")
-            finish(run)
-        raise
-    finally:
-        router.segments = []
-        router.release_masks()
-        if group["checkpointing"]:
-            set_checkpointing(False)
-        model.eval()
-    return seen
-
-
-def _forward_backward(model, router: lora.Router, parts, pad_id: int, device) -> list[float | None]:
-    """One forward over every run's micro-batch and one backward of the sum of their losses. Each run's loss is
-    its summed token loss over its own rows divided by its step's completion tokens; a run whose loss is not finite
-    is left out of the backward (None) so that it cannot touch anyone's gradients."""
-    ids, mask, positions, labels, segments, comp = _collate(parts, pad_id, device)
-    router.segments = [(name, s, e) for name, s, e, _ in segments]
-    router.own_lengths = {name: own for name, _, _, own in segments}
-    for run, _ in parts:
-        run.ticks += 1
-        router.ticks[run.name] = run.ticks
-    width = ids.shape[1]
-    for (run, es), (_, s, e, _) in zip(parts, segments):
-        run.plan.padded_tokens += (e - s) * width
-        run.plan.real_tokens += sum(len(x.input_ids) for x in es)
-    model.train()
-    # On CUDA the recipe trained under bf16 autocast (SFTConfig bf16=True): the LoRA matmuls run in bf16 too.
-    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=comp + 1)
-    logits = out.logits[:, :-1, :].float()
-    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                 reduction="none").view(labels.shape)
-    # Every run's summed loss in one tensor, read in one transfer after the backward is queued: a transfer per run,
-    # or one before the backward, would wait for the GPU.
-    seg_of_row = torch.tensor([i for i, (_, s, e, _) in enumerate(segments) for _ in range(s, e)], device=device)
-    seg_sums = token_loss.new_zeros(len(parts)).index_add_(0, seg_of_row, token_loss.sum(dim=1))
-    # A run whose loss is not finite gets weight 0 through masked_fill (NaN * 0 would still be NaN), so its rows
-    # send no gradient to anyone else; NaN stays inside its own rows, which only its own adapter reads.
-    weights = torch.tensor([1.0 / max(run._step_tokens, 1) for run, _ in parts], device=device)
-    (seg_sums.masked_fill(~torch.isfinite(seg_sums.detach()), 0.0) * weights).sum().backward()
-    router.release_masks()
-    return [v if math.isfinite(v) else None for v in seg_sums.detach().tolist()]
-
-
-def _clear_partial_steps(active: list[TrialRun], device) -> None:
-    for run in active:
-        if run.adapter is not None and run.adapter.weights:
-            run.adapter.zero_grad()
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
-def _recover_from_oom(active: list[TrialRun], finish, exc: BaseException, device) -> None:
-    """Halve every run's micro-batch (its accumulation doubles, so the step's math is unchanged) and redo the
-    current step; a run that was already halved once, or is at one row, fails with reason `oom`."""
-    _clear_partial_steps(active, device)
-    for run in list(active):
-        if run.plan.oom_halvings >= 1 or run.plan.micro_batch <= 1:
-            run.status = "failed"
-            run.error = TrialFailure("oom", f"out of memory at step {run.step + 1} with micro-batch "
-                                            f"{run.plan.micro_batch} ({type(exc).__name__}: {str(exc)[:200]})")
-            finish(run)
-            continue
-        run.plan.micro_batch = max(1, run.plan.micro_batch // 2)
-        run.plan.oom_halvings += 1
-        run.plan.oom_events += 1
-        run.restart_step()
-
-
-def _interrupt(run: TrialRun, base) -> None:
-    """Stop at the last completed step with a checkpoint there, so the retry resumes instead of starting over."""
-    step = None
-    if run.step > 0 and run.adapter is not None:
-        run.save_checkpoint(base.resolved.name)
-        step = run.step
-    run.status = "interrupted"
-    run.error = Interrupted(step)
-
-
-def train_one(base, run: TrialRun, *, stop=None, on_done=None, gradient_checkpointing: bool | str = "auto") -> TrialRun:
-    train_group(base, [run], stop=stop, on_done=on_done, gradient_checkpointing=gradient_checkpointing)
-    return run

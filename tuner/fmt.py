@@ -1,0 +1,116 @@
+"""How numbers and trials read, wherever a user reads them: the terminal, `tuner report`, the model card. One set of
+formatters and one leaderboard row, so that a trial's numbers agree with each other everywhere."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+
+def num(v: Any, spec: str = ".3g") -> str:
+    """`-` for no value, `nan` for NaN, else `format(v, spec)`."""
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return format(v, spec)
+
+
+def money(v: float | None, cents: bool = False) -> str:
+    return "-" if v is None else (f"${v:,.2f}" if cents else f"${v:,.0f}")
+
+
+def pct(v: float | None, decimals: int = 0) -> str:
+    return "-" if v is None else f"{v:.{decimals}%}"
+
+
+def secs(s: float | None) -> str:
+    """`4m36s`, `1h02m`."""
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def short_model(key: str) -> str:
+    """A local folder by its last component, a Hub id or builtin name as it is (with any @revision)."""
+    name, _, rev = str(key).partition("@")
+    if name.startswith(("/", ".", "~")):
+        name = Path(name).name
+    return name + (f"@{rev}" if rev else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The leaderboard
+
+
+def trial_duration(t: FrozenTrial) -> float | None:
+    """Start to end as the study records it (what optuna-dashboard shows too)."""
+    if t.datetime_complete and t.datetime_start:
+        return (t.datetime_complete - t.datetime_start).total_seconds()
+    return None
+
+
+def trial_note(t: FrozenTrial) -> str:
+    a = t.user_attrs
+    notes = []
+    if t.state == TrialState.FAIL:
+        notes.append(str(a.get("fail_reason", "")))
+    elif t.state == TrialState.PRUNED:
+        notes.append(f"pruned at step {a.get('pruned_at_step', '?')}")
+    if a.get("resumed_from_step"):
+        notes.append(f"resumed from step {a['resumed_from_step']}")
+    if a.get("promoted"):
+        notes.append("promoted")
+    if a.get("overfit_epochs"):
+        notes.append("overfit")
+    return " ".join(n for n in notes if n)
+
+
+def trial_row(t: FrozenTrial, best_number: int | None) -> dict:
+    """One trial as the leaderboard shows it. A setting sampled by the study is in `params`; a fixed one is read
+    from the trial's user attributes, where the worker records every trial's values."""
+    a, p = t.user_attrs, t.params
+    bits = p.get("quant_bits", a.get("quant_bits", (a.get("quantization") or {}).get("bits")))
+    return {"number": t.number, "state": t.state.name, "best": t.number == best_number, "value": t.value,
+            "model": p.get("model", a.get("model")), "model_sampled": "model" in p, "r": a.get("r"), "alpha": a.get("alpha"),
+            "dropout": p.get("dropout", a.get("dropout")), "targets": a.get("target_set", p.get("target_modules")),
+            "bits": bits, "learning_rate": p.get("learning_rate", a.get("learning_rate")), "mae": a.get("mae"),
+            "rmsle": a.get("rmsle"), "hit_rate": a.get("hit_rate"), "duration_s": trial_duration(t),
+            "note": trial_note(t)}
+
+
+LEADERBOARD_COLUMNS = ["#", "state", "model", "r", "alpha", "dropout", "targets", "bits", "lr", "MAE", "RMSLE",
+                       "hits", "time", "note"]
+LEFT_COLUMNS = {"state", "model", "targets", "note"}
+
+
+def columns(with_model: bool) -> list[str]:
+    """The leaderboard's headers; a study of one model has no model column."""
+    return [c for c in LEADERBOARD_COLUMNS if with_model or c != "model"]
+
+
+def row_cells(r: dict, with_model: bool) -> list[str]:
+    cells = [str(r["number"]), r["state"] + (" *" if r["best"] else "")]
+    cells += [short_model(r["model"] or "-")] if with_model else []
+    return cells + [num(r["r"], "d"), num(r["alpha"], "g"), num(r["dropout"], ".3f"), str(r["targets"] or "-"),
+                    num(r["bits"], "d"), num(r["learning_rate"], ".2e"), money(r["mae"]), num(r["rmsle"], ".3f"),
+                    pct(r["hit_rate"]), secs(r["duration_s"]), r["note"]]
+
+
+def baseline_label(key: str) -> str:
+    return {"median": "constant train median"}.get(key, key.replace("_", " "))
+
+
+def baseline_row(key: str, m: dict) -> dict:
+    return {"key": key, "label": baseline_label(key), "mae": m.get("mae"), "rmsle": m.get("rmsle"),
+            "hit_rate": m.get("hit_rate")}
+
+
+def baseline_cells(b: dict, with_model: bool) -> list[str]:
+    blank = len(columns(with_model)) - 7  # between the label and the metrics
+    return ["", f"baseline: {b['label']}"] + [""] * blank + [money(b["mae"]), num(b["rmsle"], ".3f"),
+                                                               pct(b["hit_rate"]), "", ""]

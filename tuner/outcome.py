@@ -1,0 +1,205 @@
+"""What happens to one trial while and after it trains: progress, evaluation and pruning, checkpoints pushed, and at
+the end its scoring, artifacts, W&B run and `tell`. The training loop calls a `TrialOutcome` through `RunHooks`;
+the worker calls `finalize` when the run leaves its group.
+
+An outcome is handed a narrow `TrialContext` (the study, the data, the scorer, where artifacts go, how to hand a
+trial back), never the worker: it knows what a trial needs, not how trials are acquired or scheduled.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from . import artifacts, checkpoints, lora, models
+from .config import SweepConfig
+from .data import Splits
+from .errors import Interrupted, TrialFailure
+from .runtime import Reporter, memory_attrs
+from .scoring import PriceScorer, price_metrics
+from .space import TrialParams
+from .study import tell
+from .tracking import TrialTracker
+from .train import Evaluation, TrialRun
+
+# hand_back(reason, detail, checkpoint step, retry): mark the trial FAIL and, for an interruption, queue its retry.
+HandBack = Callable[[str, str, "int | None", bool], None]
+
+
+@dataclass
+class TrialContext:
+    """What one trial's outcome needs from the worker that runs it."""
+
+    study: optuna.Study
+    cfg: SweepConfig
+    splits: Splits
+    scorer: PriceScorer
+    store_dir: Path  # the artifact store
+    reporter: Reporter
+    device: str
+    hub_token: str | None = None
+
+    @property
+    def study_name(self) -> str:
+        return self.study.study_name
+
+
+class TrialOutcome:
+    """One trial's link between the training loop and the study."""
+
+    def __init__(self, ctx: TrialContext, trial: optuna.Trial, params: TrialParams, base: models.Base, *,
+                 root_number: int, retry_of: int | None, hand_back: HandBack):
+        self.ctx, self.trial, self.params, self.base = ctx, trial, params, base
+        self.root_number, self.hand_back = root_number, hand_back
+        self.t0 = time.time()
+        self.state = "pending"
+        self.tracker = TrialTracker(ctx.cfg.tracking.wandb, study=ctx.study_name, trial_number=trial.number,
+                                    config={**params.to_dict(), "study": ctx.study_name, "trial": trial.number,
+                                            "retry_of": retry_of},
+                                    root=Path(ctx.cfg.study.output_dir))
+        trial.set_user_attr("wandb_run_id", self.tracker.info.run_id)
+        trial.set_user_attr("wandb_mode", self.tracker.info.mode)
+        self._started = False
+        self._pushed: dict[str, str] = {}
+        self._push_errors: list[str] = []
+
+    # -- RunHooks ------------------------------------------------------------------------------------------------------
+    def on_step(self, run: TrialRun, record: dict) -> None:
+        if not self._started:
+            self._on_first_step(run)
+        self.tracker.log({"train/loss": record["loss"], "train/lr": record["lr"],
+                          "train/grad_norm": record["grad_norm"], "train/epoch": record["epoch"]}, step=record["step"])
+        self.ctx.reporter.trial_step(self.trial.number, record, run.total_steps)
+
+    def _on_first_step(self, run: TrialRun) -> None:
+        self._started = True
+        note = f"resumed from step {run.resumed_from_step}" if run.resumed_from_step else ""
+        if run.resumed_from_step:
+            self.trial.set_user_attr("resumed_from_step", run.resumed_from_step)
+        if run.skipped_checkpoints:
+            self.trial.set_user_attr("skipped_checkpoints", run.skipped_checkpoints)
+            self.ctx.reporter.message(f"trial {self.trial.number}: skipped unreadable checkpoint(s): "
+                                      + "; ".join(run.skipped_checkpoints))
+        self.trial.set_user_attr("trainable_params", run.adapter.trainable_parameters)
+        self.ctx.reporter.trial_started(self.trial.number, self.params, run.total_steps, note)
+
+    def on_evaluate(self, run: TrialRun, step: int) -> Evaluation:
+        """The validation subset (every `eval_every` steps) or the whole validation split (at epoch ends and at
+        the end, where it decides which adapter the trial keeps)."""
+        cfg, splits = self.ctx.cfg, self.ctx.splits
+        at_epoch_end = run.params.epochs > 1 and (step % run.steps_per_epoch == 0 or run.done)
+        rows = splits.val if at_epoch_end or run.done else splits.val[: cfg.train.eval_rows]
+        res = self.ctx.scorer.predict(self.base.model, [e.prompt for e in rows], adapter=run.name)
+        metrics = price_metrics([p.value for p in res.predictions], [e.price for e in rows])
+        value = metrics[cfg.study.objective]
+        self.trial.report(value, step)
+        self.tracker.log({f"val/{k}": v for k, v in metrics.items() if k != "n"}, step=step)
+        return Evaluation(value, prune=not run.done and self.trial.should_prune())
+
+    def on_checkpoint(self, run: TrialRun, step: int, path: Path) -> None:
+        self.trial.set_user_attr("last_checkpoint_step", step)
+        hub = self.ctx.cfg.tracking.hub
+        if not hub.push_checkpoints:
+            return
+        if not self.ctx.hub_token:
+            self.trial.set_user_attr("hub_push", "skipped: no Hugging Face token")
+            return
+        from .promote import PromoteError, push_checkpoint
+
+        # The chain's first trial names the repository, so that a retry resuming this trial pushes beside it.
+        repo = f"{hub.repo}-trial-{self.root_number}"
+        info = self._adapter_info().model_copy(update={"checkpoint_step": step})
+        try:
+            commit = push_checkpoint(path / "adapter", info, repo, token=self.ctx.hub_token)
+        except PromoteError as exc:  # the Hub's trouble is not the trial's: say it, record it, train on
+            self._push_errors.append(f"step {step}: {exc}")
+            self.trial.set_user_attr("hub_push_errors", self._push_errors)
+            self.ctx.reporter.message(f"trial {self.trial.number}: checkpoint at step {step} not pushed: {exc}")
+            return
+        self._pushed[str(step)] = commit
+        self.trial.set_user_attr("hub_checkpoints", {"repo": repo, "commits": self._pushed})
+
+    # -- the end -------------------------------------------------------------------------------------------------------
+    def finalize(self, run: TrialRun) -> None:
+        """Record the run's end on the trial, whatever it was; a trial whose outcome cannot be written in full is
+        not COMPLETE."""
+        attrs = {**run.stats(), "duration_s": time.time() - self.t0, **memory_attrs(self.ctx.device)}
+        attrs["loss_first"] = run.history[0]["loss"] if run.history else None
+        attrs["loss_last"] = run.history[-1]["loss"] if run.history else None
+        if run.resumed_from_step:
+            attrs["resumed_from_step"] = run.resumed_from_step
+        try:
+            end = {"completed": self._complete, "pruned": self._pruned,
+                   "interrupted": self._interrupted}.get(run.status, self._failed)
+            self.state = end(run, attrs)
+        except Exception as exc:
+            attrs.update(fail_reason="finalize_error", fail_detail=f"{type(exc).__name__}: {exc}")
+            try:
+                self._set_attrs(attrs)
+                tell(self.ctx.study, self.trial, state=TrialState.FAIL, skip_if_finished=True)
+            except Exception:
+                pass
+            self.state = "FAIL"
+        self.ctx.reporter.trial_ended(self.trial.number, self.state, attrs)
+
+    def _complete(self, run: TrialRun, attrs: dict) -> str:
+        """Score the kept adapter on the test split, save it and its artifacts, close the W&B run, then tell."""
+        ctx, test = self.ctx, self.ctx.splits.test
+        res = ctx.scorer.predict(self.base.model, [e.prompt for e in test], adapter=run.name)
+        metrics = price_metrics([p.value for p in res.predictions], [e.price for e in test])
+        metrics["off_grammar_rate"] = sum(p.off_grammar_steps > 0 for p in res.predictions) / len(test)
+        metrics["score_rows_per_s"] = res.rows_per_s
+        adapter_dir = run.run_dir / "adapter"
+        lora.save_adapter(run.adapter, adapter_dir, self.base.resolved.name, self.base.resolved.revision)
+        info = self._adapter_info()
+        attrs.update(artifacts.save_trial_artifacts(self.trial, ctx.study, ctx.store_dir, adapter_dir, info, test,
+                                                    res.predictions, metrics))
+        attrs.update(artifacts.save_checkpoints_artifact(self.trial, ctx.store_dir,
+                                                         checkpoints.adapters(run.checkpoint_root), info))
+        attrs.update(metrics)
+        attrs["adapter_path"] = str(adapter_dir.resolve())
+        self.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
+        attrs.update({k: v for k, v in self.tracker.finish().to_attrs().items() if v is not None})
+        self._set_attrs(attrs)
+        tell(ctx.study, self.trial, metrics[ctx.cfg.study.objective])
+        return "COMPLETE"
+
+    def _pruned(self, run: TrialRun, attrs: dict) -> str:
+        attrs["pruned_at_step"] = run.step
+        self._set_attrs(attrs)
+        self.tracker.summary({"state": "pruned", "pruned_at_step": run.step})
+        self.tracker.finish()
+        tell(self.ctx.study, self.trial, state=TrialState.PRUNED)
+        return "PRUNED"
+
+    def _interrupted(self, run: TrialRun, attrs: dict) -> str:
+        step = run.error.checkpoint_step if isinstance(run.error, Interrupted) else None
+        self._set_attrs(attrs)
+        self.tracker.finish(exit_code=1)
+        self.hand_back("interrupted", "stopped by a signal; retried from its checkpoint", step, True)
+        attrs.update(fail_reason="interrupted", checkpoint_step=step)
+        return "INTERRUPTED"
+
+    def _failed(self, run: TrialRun, attrs: dict) -> str:
+        err = run.error
+        reason = err.reason if isinstance(err, TrialFailure) else "error"
+        attrs.update(fail_reason=reason, fail_detail=str(err))
+        self._set_attrs(attrs)
+        self.tracker.summary({"state": "failed", "fail_reason": reason})
+        self.tracker.finish(exit_code=1)
+        tell(self.ctx.study, self.trial, state=TrialState.FAIL)
+        return "FAIL"
+
+    def _set_attrs(self, attrs: dict) -> None:
+        for k, v in attrs.items():
+            if v is not None:
+                self.trial.set_user_attr(k, v)
+
+    def _adapter_info(self) -> artifacts.AdapterInfo:
+        return artifacts.adapter_info(self.ctx.cfg, self.ctx.splits, self.params, self.base, self.ctx.study_name,
+                                      self.trial.number)
