@@ -1,77 +1,16 @@
 """Per-trial artifacts written by a real sweep: the predictions CSV, the scatter chart and the adapter archive in
 Optuna's artifact store, named by trial user attributes; and the scatter chart's colours.
-
-This module also holds the one real sweep that the report, promote, predict and dashboard tests share (training is
-the expensive part, and none of them changes what was trained).
 """
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import subprocess
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import pytest
 
-from conftest import tiny_sweep, tuner_cmd
-
-TEST_ROWS = 16
-
-
-def tuner(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The CLI in a subprocess; `env` entries set to None are removed from the environment."""
-    full = {**os.environ, **(env or {})}
-    return subprocess.run(tuner_cmd() + args, capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                          env={k: v for k, v in full.items() if v is not None})
-
-
-@dataclass(frozen=True)
-class Swept:
-    root: Path
-    url: str
-    name: str
-
-    @property
-    def store(self) -> Path:
-        return self.root / "artifacts"
-
-    def study(self) -> optuna.Study:
-        return optuna.load_study(study_name=self.name, storage=self.url)
-
-    def copy(self, dest: Path) -> str:
-        """The study database copied (consistently, through SQLite's backup API) to `dest`; its URL."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        src, dst = sqlite3.connect(self.root / "studies.db"), sqlite3.connect(dest)
-        src.backup(dst)
-        src.close()
-        dst.close()
-        return f"sqlite:///{dest}"
-
-
-_SESSION: dict[str, Swept] = {}
-
-
-def swept_study(tmp_path_factory) -> Swept:
-    """A real 2-trial sweep (4-bit SmolLM2, evaluation every 2 steps, W&B offline), run once per test session."""
-    if "swept" not in _SESSION:
-        root = tmp_path_factory.mktemp("swept")
-        sweep = tiny_sweep(root, name="shared", trials=2, test_rows=TEST_ROWS,
-                           train_extra=", eval_every: 2, eval_rows: 8")
-        url = f"sqlite:///{root}/studies.db"
-        res = tuner(["run", str(sweep), "--storage", url], root, timeout=900)
-        assert res.returncode == 0, res.stdout + res.stderr
-        _SESSION["swept"] = Swept(root, url, "shared")
-    return _SESSION["swept"]
-
-
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory) -> Swept:
-    return swept_study(tmp_path_factory)
-
+from conftest import SWEPT_TEST_ROWS as TEST_ROWS
 
 def test_each_complete_trial_has_its_artifacts_in_the_store(swept, tmp_path):
     from PIL import Image

@@ -11,19 +11,15 @@ import optuna
 import pytest
 import torch
 
-from conftest import tiny_sweep, tuner_cmd
+from conftest import tiny_sweep, trial_params, tuner_cmd
 from tuner import lora
 from tuner.space import TrialParams
-from tuner.train import ExecutionPlan, TrialRun, encode, train_group, train_one
+from tuner.batches import encode
+from tuner.loop import train_group, train_one
+from tuner.train import ExecutionPlan, TrialRun
 
 
-def params(**kw) -> TrialParams:
-    base = dict(r=8, alpha=16, dropout=0.1, target_set="attention",
-                target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), quant_bits=16, learning_rate=2e-3,
-                epochs=1, batch_size=4, grad_accum=1, max_length=182, optimizer="adamw_torch", scheduler="cosine",
-                warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=0.5, seed=1)
-    base.update(kw)
-    return TrialParams(**base)
+params = trial_params  # conftest's defaults: r=8 on q/k/v/o, 16-bit, dropout 0.1, warmup 0.1
 
 
 class Losses:

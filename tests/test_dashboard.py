@@ -21,15 +21,9 @@ from pathlib import Path
 import pytest
 
 from conftest import tuner_cmd
-from test_artifacts import swept_study
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    return swept_study(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

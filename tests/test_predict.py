@@ -10,20 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from hub_server import HubStandIn
-from test_artifacts import TEST_ROWS, swept_study, tuner
-from test_promote import TOKEN, hub_env
-
-
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    return swept_study(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def hub():
-    with HubStandIn(TOKEN) as server:
-        yield server
+from conftest import SWEPT_TEST_ROWS as TEST_ROWS
+from conftest import HUB_TOKEN as TOKEN
+from conftest import hub_env, tuner
 
 
 @pytest.fixture(scope="module")

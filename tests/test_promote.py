@@ -9,30 +9,9 @@ import warnings
 from pathlib import Path
 
 import optuna
-import pytest
 
-from hub_server import HubStandIn
-from test_artifacts import swept_study, tuner
-
-TOKEN = "hf_tunerTEST_9f8e7d6c5b4a39281706"
-
-
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    return swept_study(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def hub():
-    with HubStandIn(TOKEN) as server:
-        yield server
-
-
-def hub_env(hub: HubStandIn, home: Path, token: str | None = TOKEN) -> dict:
-    """The CLI pointed at the stand-in, with its own Hugging Face home (no login cache unless a test writes one)."""
-    home.mkdir(parents=True, exist_ok=True)
-    return {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(home), "HF_TOKEN": token,
-            "HF_TOKEN_PATH": None, "HF_HUB_DISABLE_TELEMETRY": "1"}
+from conftest import HUB_TOKEN as TOKEN
+from conftest import hub_env, tuner
 
 
 def _db_bytes(root: Path) -> bytes:

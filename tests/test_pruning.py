@@ -9,6 +9,7 @@ from optuna.trial import TrialState
 from conftest import tiny_sweep
 from tuner.config import load_config, parse_config
 from tuner.errors import ConfigError
+from tuner.loop import Faults
 from tuner.worker import WorkerOptions, run_worker
 
 
@@ -50,11 +51,10 @@ def test_median_pruner_stops_bad_trials_and_keeps_their_curves(tmp_path):
             assert t.value == t.user_attrs["mae"]  # the objective is the test split's, not the last validation
 
 
-def test_non_finite_loss_fails_the_trial_with_its_reason(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNER_INJECT_NAN_AT_STEP", "2")
+def test_non_finite_loss_fails_the_trial_with_its_reason(tmp_path):
     sweep = tiny_sweep(tmp_path, name="nan", trials=2, wandb="disabled")
     url = f"sqlite:///{tmp_path}/s.db"
-    report = run_worker(load_config(sweep), WorkerOptions(storage_url=url))
+    report = run_worker(load_config(sweep), WorkerOptions(storage_url=url, faults=Faults(nan_at_step=2)))
     assert report.states == {0: "FAIL", 1: "FAIL"}
     for t in optuna.load_study(study_name="nan", storage=url).trials:
         assert t.state == TrialState.FAIL and t.value is None

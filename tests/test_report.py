@@ -8,14 +8,8 @@ import base64
 import re
 
 import optuna
-import pytest
 
-from test_artifacts import swept_study, tuner
-
-
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    return swept_study(tmp_path_factory)
+from conftest import tuner
 
 
 def test_report_writes_self_contained_html_and_pngs(swept, tmp_path):

@@ -6,24 +6,15 @@ one asked for. All against the real `huggingface_hub` client talking to the loca
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import optuna
 import pytest
 
-from conftest import tiny_sweep
-from hub_server import HubStandIn
-from test_artifacts import tuner
-from test_promote import TOKEN, hub_env
+from conftest import HUB_TOKEN as TOKEN
+from conftest import hub_env, tiny_sweep, tuner
 
 DESCRIPTION = ("Loose round diamond: 0.30 carat, Ideal cut, colour E, clarity VS2, depth 61.5%, table 55, "
                "measures 4.30 x 4.33 x 2.65 mm.")
-
-
-@pytest.fixture(scope="module")
-def hub():
-    with HubStandIn(TOKEN) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

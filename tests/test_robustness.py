@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from conftest import tiny_sweep, tuner_cmd
 from tuner.config import load_config
+from tuner.loop import Faults
 from tuner.worker import WorkerOptions, run_worker
 
 KILL_SWEEP = dict(trials=2, train_rows=32, wandb="disabled", hb=1, grace=4,
@@ -114,11 +115,10 @@ def test_four_workers_share_one_budget_exactly(tmp_path, backend, request):
     assert "leaderboard: many" in out
 
 
-def test_injected_oom_is_retried_with_half_the_micro_batch(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNER_INJECT_OOM_AT_STEP", "2")
+def test_injected_oom_is_retried_with_half_the_micro_batch(tmp_path):
     sweep = tiny_sweep(tmp_path, name="oom", trials=1, wandb="disabled")
     url = f"sqlite:///{tmp_path}/s.db"
-    run_worker(load_config(sweep), WorkerOptions(storage_url=url))
+    run_worker(load_config(sweep), WorkerOptions(storage_url=url, faults=Faults(oom_at_step=2)))
     [t] = _trials(url, "oom")
     assert t.state == TrialState.COMPLETE, t.user_attrs
     ex = t.user_attrs["execution"]
@@ -126,11 +126,11 @@ def test_injected_oom_is_retried_with_half_the_micro_batch(tmp_path, monkeypatch
     assert t.user_attrs["steps"] == 4
 
 
-def test_oom_that_persists_fails_the_trial_and_the_worker_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNER_INJECT_OOM_AT_STEP", "1:always")
+def test_oom_that_persists_fails_the_trial_and_the_worker_goes_on(tmp_path):
     sweep = tiny_sweep(tmp_path, name="oom2", trials=2, wandb="disabled")
     url = f"sqlite:///{tmp_path}/s.db"
-    report = run_worker(load_config(sweep), WorkerOptions(storage_url=url))
+    faults = Faults(oom_at_step=1, oom_always=True)
+    report = run_worker(load_config(sweep), WorkerOptions(storage_url=url, faults=faults))
     assert report.states == {0: "FAIL", 1: "FAIL"}
     for t in _trials(url, "oom2"):
         assert t.user_attrs["fail_reason"] == "oom" and "micro-batch 2" in t.user_attrs["fail_detail"]

@@ -56,7 +56,9 @@ def test_scorer_equals_generate_with_a_trained_adapter(base16, diamonds, prompts
 
     from tuner import lora
     from tuner.space import TrialParams
-    from tuner.train import TrialRun, encode, train_one
+    from tuner.batches import encode
+    from tuner.loop import train_one
+    from tuner.train import TrialRun
 
     rows, _ = encode(base16.tokenizer, diamonds.train[:48], 182)
     params = TrialParams(r=8, alpha=16, dropout=0.0, target_set="attention", target_modules=("q_proj", "v_proj"),

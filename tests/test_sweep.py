@@ -25,7 +25,7 @@ def test_sweep_on_sqlite_end_to_end(tmp_path):
     url = f"sqlite:///{tmp_path}/studies.db"
     res = cli(["run", str(sweep), "--storage", url], tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "leaderboard: e2e" in res.stdout and "baseline: train median" in res.stdout
+    assert "leaderboard: e2e" in res.stdout and "baseline: constant train median" in res.stdout
 
     study = optuna.load_study(study_name="e2e", storage=url)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -58,7 +58,7 @@ def test_sweep_on_sqlite_end_to_end(tmp_path):
     out = status.stdout
     for t in trials:
         assert f"${t.user_attrs['mae']:,.0f}" in out
-    assert "COMPLETE *" in out and "baseline: train median" in out and "baseline: base model" in out
+    assert "COMPLETE *" in out and "baseline: constant train median" in out and "baseline: base model" in out
     assert "attention" in out
 
     best = cli(["best", "e2e", "--storage", url], tmp_path)

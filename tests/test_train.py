@@ -3,25 +3,24 @@ detection of dead and exploding trials, exact resume, and the same loss curve as
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import trial_params
 from tuner import lora
-from tuner.models import cpu_has_bf16, load_base
+from tuner.models import load_base
 from tuner.scoring import PriceScorer
-from tuner.space import TrialParams
-from tuner.train import TrialRun, _collate, encode, step_schedule, train_group, train_one
+from tuner.batches import collate, encode, step_schedule
+from tuner.loop import train_one
+from tuner.train import TrialRun
 
 
-def params(**kw) -> TrialParams:
-    base = dict(r=8, alpha=16, dropout=0.05, target_set="attention",
-                target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), quant_bits=4, learning_rate=2e-3,
-                epochs=1, batch_size=4, grad_accum=1, max_length=182, optimizer="adamw_torch", scheduler="cosine",
-                warmup_ratio=0.0, weight_decay=0.001, max_grad_norm=0.3, seed=7)
-    base.update(kw)
-    return TrialParams(**base)
+# 4-bit, the recipe's weight decay and clipping, no warmup.
+params = functools.partial(trial_params, dropout=0.05, quant_bits=4, warmup_ratio=0.0, weight_decay=0.001,
+                           max_grad_norm=0.3, seed=7)
 
 
 class Recorder:
@@ -45,8 +44,7 @@ class Recorder:
 def test_labels_cover_the_price_and_nothing_of_the_prompt(tokenizer, diamonds):
     rows, too_long = encode(tokenizer, diamonds.train[:3], 182)
     assert too_long == 0
-    run = TrialRun("x", params(), rows, Path("/unused"))
-    ids, mask, pos, labels, segments, comp = _collate([(run, rows)], tokenizer.pad_token_id, "cpu")
+    ids, mask, pos, labels, segments, comp = collate([("x", rows)], tokenizer.pad_token_id, "cpu")
     for i, (row, ex) in enumerate(zip(rows, diamonds.train[:3])):
         kept = labels[i][labels[i] != -100].tolist()
         assert tokenizer.decode(kept) == ex.completion + tokenizer.eos_token  # '4733.00<|im_end|>'
