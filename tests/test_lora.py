@@ -33,7 +33,8 @@ def _randomize_b(adapter, seed):
             w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g) * 0.02)
 
 
-def test_saved_adapter_loads_in_peft_with_identical_logits(smol, base16, tmp_path):
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha-over-r", "rslora"])
+def test_saved_adapter_loads_in_peft_with_identical_logits(smol, base16, tmp_path, rslora):
     from peft import PeftModel
 
     from tuner.models import load_base
@@ -42,7 +43,8 @@ def test_saved_adapter_loads_in_peft_with_identical_logits(smol, base16, tmp_pat
     batch = _batch(tok, ["How much does this cost?\n\nA chair.\n\nPrice is $", "Price is $"])
     plain = _logits(model, batch)
     adapter = lora.attach(model, "a", r=8, alpha=32, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
-                          seed=1)
+                          seed=1, use_rslora=rslora)
+    assert next(iter(adapter.weights.values())).scale == (32 / 8 ** 0.5 if rslora else 32 / 8)
     _randomize_b(adapter, 0)
     lora.router_of(model).segments = [("a", 0, 2)]
     ours = _logits(model, batch)
@@ -56,6 +58,7 @@ def test_saved_adapter_loads_in_peft_with_identical_logits(smol, base16, tmp_pat
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
     assert (ours - plain).abs().max() > 1e-3  # the adapter did something, so the match means something
     cfg, tensors = lora.load_adapter_state(tmp_path / "adapter")
+    assert cfg["use_rslora"] is rslora
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 32 and sorted(cfg["target_modules"]) == ["down_proj", "q_proj",
                                                                                           "v_proj"]
     assert len(tensors) == 2 * 30 * 3

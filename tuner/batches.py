@@ -105,3 +105,139 @@ def collate(parts: list[tuple[str, list[Encoded]]], pad_id: int, device) -> Batc
         segments.append((name, start, start + len(es), max(len(e.input_ids) for e in es)))
         start += len(es)
     return Batch(ids.to(device), mask.to(device), positions.to(device), labels.to(device), segments, comp)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitting rows to the token budget
+
+
+# Every description losing more than this to its budget means the data cannot be told apart at that budget.
+REFUSE_CUT_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class Cut:
+    row_id: int
+    removed: int  # description tokens cut away
+    kept: int  # description tokens left
+
+    @property
+    def fraction(self) -> float:
+        return self.removed / max(self.removed + self.kept, 1)
+
+
+@dataclass
+class Fit:
+    """How one split set was fitted to `max_length`: which descriptions were cut, and by how much."""
+
+    max_length: int
+    rows: int
+    cuts: list[Cut]
+    warn_fraction: float
+
+    @property
+    def heavily_cut(self) -> int:
+        return sum(c.fraction > self.warn_fraction for c in self.cuts)
+
+    @property
+    def loud(self) -> bool:
+        """Most rows lose more than `warn_fraction` of their description."""
+        return self.heavily_cut > self.rows / 2
+
+    def line(self) -> str:
+        if not self.cuts:
+            return f"all {self.rows} rows fit {self.max_length} tokens; no description cut"
+        removed = sorted(c.removed for c in self.cuts)
+        return (f"{len(self.cuts)} of {self.rows} descriptions cut to fit {self.max_length} tokens; median cut "
+                f"{removed[len(removed) // 2]} tokens, largest {removed[-1]}; {self.heavily_cut} lost more than "
+                f"{self.warn_fraction:.0%} of their description")
+
+    def summary(self) -> dict:
+        removed = sorted(c.removed for c in self.cuts)
+        return {"max_length": self.max_length, "rows": self.rows, "cut": len(self.cuts),
+                "median_cut_tokens": removed[len(removed) // 2] if removed else 0,
+                "max_cut_tokens": removed[-1] if removed else 0, "heavily_cut": self.heavily_cut,
+                "warn_fraction": self.warn_fraction, "line": self.line()}
+
+
+def row_length(tokenizer, prompt: str, completion: str) -> int:
+    """Tokens of a training row as `encode` makes it: prompt and completion, then end-of-sequence."""
+    return len(tokenizer(prompt + completion)["input_ids"]) + 1
+
+
+def fit_example(tokenizer, ex: Example, max_length: int, spec) -> tuple[Example, Cut | None]:
+    """The row with its description cut (never the question, the answer prefix or the price) so that it fits
+    `max_length`, as the original recipe capped each description at a token budget. Raises ValueError when even an
+    empty description would not fit."""
+    from .data import prompt_parts
+
+    over = row_length(tokenizer, ex.prompt, ex.completion) - max_length
+    if over <= 0:
+        return ex, None
+    head, body, tail = prompt_parts(ex.text, spec)
+    ids = tokenizer(body, add_special_tokens=False)["input_ids"]
+    keep = len(ids) - over
+    while keep > 0:
+        # Decoding a prefix can end inside a character or merge differently: measure again, cut more if needed.
+        cut = tokenizer.decode(ids[:keep]).rstrip()
+        prompt = head + cut + tail
+        over = row_length(tokenizer, prompt, ex.completion) - max_length
+        if over <= 0:
+            return Example(ex.row_id, ex.text, ex.price, prompt, ex.completion), Cut(ex.row_id, len(ids) - keep, keep)
+        keep -= over
+    raise ValueError(f"row {ex.row_id}: the prompt without its description needs more than {max_length} tokens")
+
+
+def fit_rows(tokenizer, examples: list[Example], max_length: int, spec) -> tuple[list[Example], list[Cut], list[int]]:
+    """Every row fitted to the budget, the cuts made, and the ids of rows that cannot fit at all."""
+    out, cuts, unfit = [], [], []
+    for ex in examples:
+        try:
+            fitted, cut = fit_example(tokenizer, ex, max_length, spec)
+        except ValueError:
+            unfit.append(ex.row_id)
+            continue
+        out.append(fitted)
+        if cut is not None:
+            cuts.append(cut)
+    return out, cuts, unfit
+
+
+def fit_splits(tokenizer, splits, max_length: int, spec):
+    """`splits` (train, validation, test alike, so the scorer sees prompts cut as the model trained on them) fitted
+    to `max_length`, and the `Fit` that says what was cut. A row that cannot fit at all is named in a DataError,
+    never dropped; so is data whose every description would lose nearly all of itself."""
+    from dataclasses import replace
+
+    from .errors import DataError
+
+    parts, cuts, unfit = {}, [], []
+    for name in ("train", "val", "test"):
+        parts[name], c, u = fit_rows(tokenizer, getattr(splits, name), max_length, spec)
+        cuts, unfit = cuts + c, unfit + u
+    if unfit:
+        raise DataError(f"train.max_length {max_length}: {len(unfit)} rows do not fit even with their description "
+                        f"cut to nothing (row ids {', '.join(map(str, unfit[:5]))}{', ...' if len(unfit) > 5 else ''}); "
+                        f"the question, answer prefix and price alone are longer: raise train.max_length")
+    rows = len(splits.train) + len(splits.val) + len(splits.test)
+    fit = Fit(max_length, rows, cuts, spec.cut_warn_fraction)
+    if len(cuts) == rows and all(c.fraction > REFUSE_CUT_FRACTION for c in cuts):
+        raise DataError(f"data.source {spec.source!r}: every description is longer than any budget it gets here: "
+                        f"to fit train.max_length {max_length} each would lose more than "
+                        f"{REFUSE_CUT_FRACTION:.0%} of itself; raise train.max_length or shorten the texts")
+    return replace(splits, **parts), fit
+
+
+def auto_max_length(tokenizer, splits, cap: int) -> dict:
+    """`max_length: auto`: the row length that leaves 95% of all rows (train, validation and test) uncut, at most
+    `cap`. Refused when every row is longer than the cap: no budget tuner would pick fits any of them."""
+    from .errors import DataError
+
+    rows = splits.train + splits.val + splits.test
+    lengths = sorted(row_length(tokenizer, e.prompt, e.completion) for e in rows)
+    p95 = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]
+    if lengths[0] > cap:
+        raise DataError(f"train.max_length auto: every row is longer than train.max_length_cap {cap} tokens (the "
+                        f"shortest needs {lengths[0]}); set train.max_length (descriptions are then cut) or raise "
+                        f"the cap")
+    return {"value": min(p95, cap), "p95": p95, "cap": cap, "longest": lengths[-1]}

@@ -19,8 +19,8 @@ from . import fmt
 from .errors import TunerError
 
 # Piped output (CI logs, `| tee`) gets room for the whole trials table instead of rich's 80-column default.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, highlight=False, emoji=False, width=None if sys.stderr.isatty() else 160)
 
 
 def _duration_arg(text: str) -> float:
@@ -52,6 +52,9 @@ class RichReporter:
 
     def message(self, text: str) -> None:
         self.progress.console.print(f"[dim]{text}[/dim]")
+
+    def warning(self, text: str) -> None:
+        self.progress.console.print(f"[bold yellow]WARNING:[/bold yellow] [yellow]{text}[/yellow]", soft_wrap=True)
 
     def trial_started(self, number, params, total_steps, note):
         desc = (f"trial {number}: r={params.r} alpha={params.alpha:g} {params.target_set} {params.quant_bits}-bit "
@@ -135,9 +138,9 @@ def cmd_run(args) -> int:
     t0 = time.time()
     with RichReporter() as reporter:
         report = run_worker(cfg, opts, reporter)
+    console.print(f"this worker ran {len(report.ran)} trial(s) in {fmt.secs(time.time() - t0)}")
     if not os.environ.get("TUNER_PLAIN_OUTPUT"):  # launched by --workers: the launcher prints the leaderboard
         print_leaderboard(args.storage, name)
-    console.print(f"this worker ran {len(report.ran)} trial(s) in {fmt.secs(time.time() - t0)}")
     if report.interrupted:
         console.print("[yellow]stopped by a signal; run the same command again to resume[/yellow]")
         return 130
@@ -150,25 +153,39 @@ def print_leaderboard(storage_url: str, name: str) -> None:
 
     study = load_study(open_storage(storage_url), name)
     console.print(trials_table(study, title=f"leaderboard: {name}"))
+    _print_fits(study)
     _print_verdict(study)
 
 
 def _print_verdict(study) -> None:
+    """The line a user reads last: the best trial against every baseline, strongest first."""
     from .study import baselines, best_trial
 
     best = best_trial(study)
-    base = baselines(study)
     if best is None:
         console.print("no COMPLETE trial yet")
         return
     obj = study.user_attrs.get("objective", "mae")
-    parts = [f"best: trial {best.number}, {obj} {fmt.num(best.value, ',.4g')}"]
-    for key, m in sorted(base.items()):
-        if obj in m:
-            better = best.value < m[obj] if study.direction.name == "MINIMIZE" else best.value > m[obj]
-            parts.append(f"{'beats' if better else 'does NOT beat'} {fmt.baseline_label(key)} "
-                         f"({fmt.num(m[obj], ',.4g')})")
-    console.print("; ".join(parts))
+    line = fmt.verdict(obj, study.direction.name == "MAXIMIZE", best.value, baselines(study))
+    console.print(f"[bold]{line}[/bold] (trial {best.number})", soft_wrap=True)
+
+
+def _print_fits(study) -> None:
+    """How the rows were fitted to each token budget the study used."""
+    for key, fit in sorted(study.user_attrs.get("fits", {}).items()):
+        model, _, _ = key.rpartition("@")
+        name = "" if len(study.user_attrs.get("fits", {})) == 1 else f"{fmt.short_model(model)}: "
+        console.print(f"data: {name}{fit.get('line', '')}", soft_wrap=True)
+
+
+def cmd_data(args) -> int:
+    from .config import load_config
+    from .datasheet import build, render
+
+    cfg = load_config(args.sweep)
+    for line in render(build(cfg), cfg):
+        console.print(line, soft_wrap=True, markup=False)
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -178,6 +195,7 @@ def cmd_status(args) -> int:
     storage = open_storage(args.storage)
     study = load_study(storage, args.study)
     console.print(trials_table(study))
+    _print_fits(study)
     _print_verdict(study)
     promos = promotions(storage.engine, study.study_name)
     for p in promos:
@@ -341,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus", help="comma-separated GPU ids; workers are pinned round-robin")
     storage_arg(r)
     r.set_defaults(func=cmd_run)
+
+    dt = sub.add_parser("data", help="what a sweep will train on: rows, splits, token lengths and cutting, prices, "
+                                     "baseline MAEs (before any training)")
+    dt.add_argument("sweep", help="sweep YAML file")
+    dt.set_defaults(func=cmd_data)
 
     s = sub.add_parser("status", help="trials table with metrics and baselines")
     s.add_argument("study", nargs="?")

@@ -30,6 +30,8 @@ OPTIMIZERS = ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bi
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 QUANT_BITS = (4, 8, 16)
 BUILTIN_MODELS = ("builtin:smollm2-135m-instruct",)
+BUILTIN_DATA = ("builtin:diamonds", "builtin:ames")
+SOURCES = "builtin:diamonds, builtin:ames, hf:OWNER/NAME or a .csv/.jsonl/.parquet path"
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,12 @@ def _integer(v: Any) -> int:
     return v
 
 
+def _boolean(v: Any) -> bool:
+    if not isinstance(v, bool):  # YAML's true/false only: "false" as a string would read as true
+        raise TypeError
+    return v
+
+
 def _string(v: Any) -> str:
     if not isinstance(v, str):
         raise TypeError
@@ -159,10 +167,26 @@ LearningRateDim = Annotated[Dim, _dim("number", _number, _between(0, 1, lo_open=
 WarmupDim = Annotated[Dim, _dim("number", _number, _between(0, 1, hi_open=True))]
 WeightDecayDim = Annotated[Dim, _dim("number", _number, _between(0, 10))]
 PositiveIntDim = Annotated[Dim, _dim("integer", _integer, _at_least(1))]
+_length_dim = _dim("integer", _integer, _at_least(16))
+
+
+def _max_length(raw: Any) -> Dim:
+    """Tokens of prompt and completion together: a fixed budget, choices or a range of them, or `auto` (chosen from
+    the data: the length that leaves 95% of rows uncut, up to `max_length_cap`)."""
+    if raw == "auto":
+        return Dim("fixed", value="auto")
+    if isinstance(raw, str):
+        raise ValueError(f"expected a number of tokens, auto, a {{low, high}} range or a {{choices: [...]}} list, "
+                         f"got {raw!r}")
+    return _length_dim.func(raw)
+
+
+MaxLengthDim = Annotated[Dim, BeforeValidator(_max_length)]
 OptimizerDim = Annotated[Dim, _dim("string", _string, _one_of(OPTIMIZERS), ranges=False)]
 SchedulerDim = Annotated[Dim, _dim("string", _string, _one_of(SCHEDULERS), ranges=False)]
 QuantDim = Annotated[Dim, _dim("integer", _integer, _one_of(QUANT_BITS), ranges=False)]
 TargetDim = Annotated[Dim, _dim("string", _string, lambda v: None if v else "a non-empty set name", ranges=False)]
+BoolDim = Annotated[Dim, _dim("boolean", _boolean, lambda v: None, ranges=False)]
 AlphaRatioDim = Annotated[Dim, _dim("number", _number, _between(0, 1e6, lo_open=True))]
 MaxGradNormDim = Annotated[Dim, _dim("number", _number, _between(0, 1e6, lo_open=True))]
 
@@ -240,6 +264,8 @@ class SearchSpace(_Strict):
     target_modules: TargetDim = Dim("fixed", value="attention")
     quant_bits: QuantDim = Dim("fixed", value=4)
     learning_rate: LearningRateDim = Dim("fixed", value=1e-4)
+    # rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r (true, false, or {choices: [false, true]}).
+    use_rslora: BoolDim = Dim("fixed", value=False)
 
     @field_validator("target_sets")
     @classmethod
@@ -270,7 +296,8 @@ class TrainSpace(_Strict):
     max_steps: int | None = Field(default=None, ge=1)
     batch_size: PositiveIntDim = Dim("fixed", value=8)
     grad_accum: PositiveIntDim = Dim("fixed", value=1)
-    max_length: PositiveIntDim = Dim("fixed", value=182)
+    max_length: MaxLengthDim = Dim("fixed", value=182)
+    max_length_cap: int = Field(default=512, ge=16)  # the most `max_length: auto` may pick
     optimizer: OptimizerDim = Dim("fixed", value="adamw_torch")
     scheduler: SchedulerDim = Dim("fixed", value="cosine")
     warmup_ratio: WarmupDim = Dim("fixed", value=0.03)
@@ -382,7 +409,8 @@ def _model(raw: Any) -> Any:
 
 
 class DataSpec(_Strict):
-    """`source`: ``builtin:diamonds``, ``hf:OWNER/NAME`` (a Hub dataset) or a local .csv/.jsonl/.parquet file."""
+    """`source`: ``builtin:diamonds`` (short, tidy rows), ``builtin:ames`` (house sales as long listings),
+    ``hf:OWNER/NAME`` (a Hub dataset) or a local .csv/.jsonl/.parquet file."""
 
     source: str = "builtin:diamonds"
     split: str = "train"
@@ -394,18 +422,20 @@ class DataSpec(_Strict):
     test_rows: int = Field(default=128, ge=1)
     seed: int = 0
     max_bad_fraction: float = Field(default=0.1, ge=0, le=1)
+    # A loud warning when most descriptions lose more than this fraction of their tokens to fit train.max_length.
+    cut_warn_fraction: float = Field(default=0.25, gt=0, lt=1)
     question: str = "How much does this cost to the nearest dollar?"
     answer_prefix: str = "Price is $"
 
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        if v.startswith("builtin:") and v != "builtin:diamonds":
-            raise ValueError(f"expected builtin:diamonds, hf:OWNER/NAME or a .csv/.jsonl/.parquet path, got {v!r}")
+        if v.startswith("builtin:") and v not in BUILTIN_DATA:
+            raise ValueError(f"expected {SOURCES}, got {v!r}")
         if v.startswith("hf:") and "/" not in v[3:]:
             raise ValueError(f"expected hf:OWNER/NAME, got {v!r}")
         if not (v.startswith(("builtin:", "hf:")) or v.endswith((".csv", ".jsonl", ".json", ".parquet"))):
-            raise ValueError(f"expected builtin:diamonds, hf:OWNER/NAME or a .csv/.jsonl/.parquet path, got {v!r}")
+            raise ValueError(f"expected {SOURCES}, got {v!r}")
         return v
 
 

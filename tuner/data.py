@@ -1,8 +1,10 @@
-"""Price data: a source (built-in diamonds, a Hub dataset, a local file) to seeded prompt/completion splits.
+"""Price data: a source (built-in diamonds or Ames listings, a Hub dataset, a local file) to seeded
+prompt/completion splits.
 
 The prompt is the original recipe's: the question, a blank line, the description, a blank line, ``Price is $``; the
 completion is the price rounded to the dollar with ``.00``. Rows whose price is missing, non-numeric or not positive
-are skipped and counted, never guessed.
+are skipped and counted, never guessed. A file that cannot be a price table (no rows, a duplicated column, a price
+column of true/false values or spanning six orders of magnitude) is refused with the reason.
 """
 
 from __future__ import annotations
@@ -62,10 +64,33 @@ def _builtin_diamonds() -> pd.DataFrame:
     return pd.DataFrame({"text": [describe_diamond(r) for r in df.itertuples()], "price": df["price"]})
 
 
+def _builtin_ames() -> pd.DataFrame:
+    from .listings import ames_listings
+
+    return ames_listings(seed=0)
+
+
+BUILTIN_SOURCES = {"builtin:diamonds": _builtin_diamonds, "builtin:ames": _builtin_ames}
+
+
+def _duplicate_header(path: Path) -> str | None:
+    """pandas renames a repeated column (`price`, `price.1`) without a word; which one a user meant is unknowable."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        header = next(csv.reader(fh), [])
+    seen = set()
+    for name in header:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
 def _read_source(spec: DataSpec, split: str | None = None) -> pd.DataFrame:
     src, split = spec.source, split or spec.split
-    if src == "builtin:diamonds":
-        return _builtin_diamonds()
+    if src in BUILTIN_SOURCES:
+        return BUILTIN_SOURCES[src]()
     cols = [spec.text_column, spec.price_column]
     if src.startswith("hf:"):
         import datasets
@@ -79,6 +104,8 @@ def _read_source(spec: DataSpec, split: str | None = None) -> pd.DataFrame:
         path = Path(src)
         if not path.is_file():
             raise DataError(f"data.source {src!r}: no such file")
+        if src.endswith(".csv") and _duplicate_header(path):
+            raise DataError(f"data.source {src!r}: the header names column {_duplicate_header(path)!r} twice")
         try:
             if src.endswith(".csv"):
                 df = pd.read_csv(path)
@@ -92,12 +119,19 @@ def _read_source(spec: DataSpec, split: str | None = None) -> pd.DataFrame:
     if missing:
         raise DataError(f"data.source {src!r}: no column {missing[0]!r} (columns: {list(df.columns)}); "
                         f"set data.text_column / data.price_column")
-    return pd.DataFrame({"text": df[spec.text_column], "price": df[spec.price_column]})
+    if len(df) == 0:
+        raise DataError(f"data.source {src!r}: no rows (a header at most)")
+    prices = df[spec.price_column]
+    if pd.api.types.is_bool_dtype(prices) or prices.map(lambda v: isinstance(v, bool)).mean() > 0.5:
+        raise DataError(f"data.source {src!r}: column {spec.price_column!r} holds true/false values, not prices")
+    return pd.DataFrame({"text": df[spec.text_column], "price": prices})
 
 
 def _clean_price(value) -> tuple[float | None, str | None]:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None, "missing_price"
+    if isinstance(value, bool):  # float(True) is 1.0: a flag is not a price
+        return None, "non_numeric_price"
     if isinstance(value, str):
         value = value.strip().replace(",", "").removeprefix("$")
     try:
@@ -111,11 +145,17 @@ def _clean_price(value) -> tuple[float | None, str | None]:
     return price, None
 
 
-def make_prompt(text: str, spec: DataSpec) -> str:
-    # Datasets prepared for the original course already hold the full prompt (and the answer) in `text`.
+def prompt_parts(text: str, spec: DataSpec) -> tuple[str, str, str]:
+    """(head, description, tail): the prompt is their concatenation, and only the description may be cut to fit a
+    token budget. Datasets prepared for the original course already hold the full prompt (and the answer) in
+    `text`: everything before the answer prefix is then the description."""
     if spec.answer_prefix in text:
-        return text[: text.index(spec.answer_prefix) + len(spec.answer_prefix)]
-    return f"{spec.question}\n\n{text.strip()}\n\n{spec.answer_prefix}"
+        return "", text[: text.index(spec.answer_prefix)], spec.answer_prefix
+    return f"{spec.question}\n\n", text.strip(), f"\n\n{spec.answer_prefix}"
+
+
+def make_prompt(text: str, spec: DataSpec) -> str:
+    return "".join(prompt_parts(text, spec))
 
 
 def completion_for(price: float) -> str:
@@ -137,6 +177,10 @@ def _clean(df: pd.DataFrame, spec: DataSpec, what: str) -> tuple[list[Example], 
     if len(df) == 0 or n_bad / len(df) > spec.max_bad_fraction:
         raise DataError(f"data.source {spec.source!r}{what}: {n_bad} of {len(df)} rows are unusable ({skipped}), "
                         f"more than data.max_bad_fraction={spec.max_bad_fraction}")
+    prices = [e.price for e in good]
+    if prices and max(prices) / min(prices) >= 1e6:
+        raise DataError(f"data.source {spec.source!r}{what}: prices run from {min(prices):,.2f} to {max(prices):,.2f}, "
+                        f"six orders of magnitude or more; mixed units or currencies? (one price scale per data set)")
     return good, skipped
 
 

@@ -102,12 +102,34 @@ def row_cells(r: dict, with_model: bool) -> list[str]:
 
 
 def baseline_label(key: str) -> str:
-    return {"median": "constant train median"}.get(key, key.replace("_", " "))
+    return {"median": "constant train median", "classical": "classical (TF-IDF + ridge)"}.get(key,
+                                                                                             key.replace("_", " "))
 
 
 def baseline_row(key: str, m: dict) -> dict:
     return {"key": key, "label": baseline_label(key), "mae": m.get("mae"), "rmsle": m.get("rmsle"),
             "hit_rate": m.get("hit_rate")}
+
+
+def objective_value(objective: str, v: float | None) -> str:
+    return money(v) if objective == "mae" else pct(v) if objective == "hit_rate" else num(v, ".3f")
+
+
+def verdict(objective: str, maximize: bool, best: float, baselines: dict[str, dict]) -> str:
+    """How the best trial compares with each baseline, strongest first: 'best MAE $1,180: 69% of the classical
+    baseline (TF-IDF + ridge), 37% of the constant train median'. A ratio for an error, points for a hit rate."""
+    scored = [(key, b[objective]) for key, b in baselines.items() if b.get(objective) is not None]
+    scored.sort(key=lambda kv: -kv[1] if maximize else kv[1])
+    parts = []
+    for key, value in scored:
+        beats = best > value if maximize else best < value
+        if maximize:
+            part = f"{(best - value) * 100:+.0f} points on the {baseline_label(key)} ({pct(value)})"
+        else:
+            part = f"{best / value:.0%} of the {baseline_label(key)}" if value > 0 else f"the {baseline_label(key)} 0"
+        parts.append(part + ("" if beats else " (does NOT beat it)"))
+    head = f"best {objective.upper() if objective != 'hit_rate' else 'hit rate'} {objective_value(objective, best)}"
+    return head + (": " + ", ".join(parts) if parts else " (no baseline recorded)")
 
 
 def baseline_cells(b: dict, with_model: bool) -> list[str]:

@@ -6,7 +6,7 @@ every wrapped linear layer adds each adapter's low-rank update to that adapter's
 this is ordinary LoRA; with several it is co-training, and because an adapter's parameters only ever see its own
 rows, its gradients are exactly those it would get alone.
 
-The math and the saved format are peft's (``lora_A``: kaiming-uniform, ``lora_B``: zeros, scale alpha/r; saved as
+The math and the saved format are peft's (``lora_A``: kaiming-uniform, ``lora_B``: zeros, scale alpha/r, or alpha/sqrt(r) with rsLoRA; saved as
 ``adapter_config.json`` + ``adapter_model.safetensors``), so a saved adapter loads with `PeftModel.from_pretrained`.
 Dropout masks are drawn from a generator seeded by (adapter seed, forward count, input width), never from the
 global RNG, so a trial's masks do not depend on which other trials share the batch; they are drawn once per forward,
@@ -173,10 +173,12 @@ class LoRAWeights(nn.Module):
     transposed (`lora_Bt`, [r, out]) so that it too is a contiguous view: bitsandbytes' optimizers replace a
     non-contiguous parameter with a contiguous copy, which would cut it from the stack."""
 
-    def __init__(self, r: int, alpha: float, dropout: float, a: torch.Tensor, bt: torch.Tensor):
+    def __init__(self, r: int, alpha: float, dropout: float, a: torch.Tensor, bt: torch.Tensor,
+                 rslora: bool = False):
         super().__init__()
         self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.scale = alpha / r
+        # rsLoRA (arXiv 2312.03732): alpha/sqrt(r) keeps the update's scale stable as r grows, so high ranks help.
+        self.scale = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_A = nn.Parameter(a)  # [r, in]
         self.lora_Bt = nn.Parameter(bt)  # [r, out]
 
@@ -244,13 +246,14 @@ class LoRALinear(nn.Module):
         w.lora_A.grad = a.grad[slot, :w.r]
         w.lora_Bt.grad = b.grad[slot, :w.r]
 
-    def add(self, name: str, r: int, alpha: float, dropout: float, init_a: torch.Tensor) -> LoRAWeights:
+    def add(self, name: str, r: int, alpha: float, dropout: float, init_a: torch.Tensor,
+            rslora: bool = False) -> LoRAWeights:
         slot = self.router.slots[name]
         device = next(self.base_layer.parameters()).device
         self._ensure(slot + 1, r, device)
         self._clear(slot)
         a, b = self.stack_A.detach(), self.stack_B.detach()
-        w = LoRAWeights(r, alpha, dropout, a[slot, :r], b[slot, :r])
+        w = LoRAWeights(r, alpha, dropout, a[slot, :r], b[slot, :r], rslora)
         w.train(self.training)
         self.adapters[name] = w
         self._point(w, slot)
@@ -413,6 +416,7 @@ class Adapter:
     target_modules: list[str]
     seed: int
     weights: dict[str, LoRAWeights]
+    use_rslora: bool = False
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimizer steps: A and B transposed (see `LoRAWeights`)."""
@@ -450,7 +454,7 @@ class Adapter:
 
 
 def attach(model: nn.Module, name: str, *, r: int, alpha: float, dropout: float, target_modules: list[str],
-           seed: int) -> Adapter:
+           seed: int, use_rslora: bool = False) -> Adapter:
     """Add adapter `name` to every linear layer whose short name is in `target_modules`."""
     router = router_of(model)
     if name in router.slots:
@@ -479,8 +483,8 @@ def attach(model: nn.Module, name: str, *, r: int, alpha: float, dropout: float,
         # the adapter's own generator, so that it does not depend on the device or on other adapters.
         init_a = torch.empty(r, mod.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(init_a, a=math.sqrt(5), generator=generator)
-        weights[path] = mod.add(name, r, alpha, dropout, init_a)
-    return Adapter(name, r, float(alpha), float(dropout), list(target_modules), seed, weights)
+        weights[path] = mod.add(name, r, alpha, dropout, init_a, use_rslora)
+    return Adapter(name, r, float(alpha), float(dropout), list(target_modules), seed, weights, use_rslora)
 
 
 def detach(model: nn.Module, adapter: Adapter) -> None:
@@ -521,6 +525,7 @@ def save_adapter(adapter: Adapter, folder: str | Path, base_model_name: str, rev
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                        use_rslora=adapter.use_rslora,
                         target_modules=sorted(adapter.target_modules), bias="none", task_type="CAUSAL_LM",
                         base_model_name_or_path=base_model_name, revision=revision)
     config.save_pretrained(tmp)

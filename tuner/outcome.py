@@ -23,7 +23,7 @@ from .errors import Interrupted, TrialFailure
 from .runtime import Reporter, memory_attrs
 from .scoring import PriceScorer, price_metrics
 from .space import TrialParams
-from .study import tell
+from .study import baselines, tell
 from .tracking import TrialTracker
 from .train import Evaluation, TrialRun
 
@@ -164,6 +164,9 @@ class TrialOutcome:
         attrs.update(metrics)
         attrs["adapter_path"] = str(adapter_dir.resolve())
         self.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
+        # The baselines beside the trial's own numbers, where a W&B user compares runs.
+        self.tracker.summary({f"baseline/{key}/{m}": b[m] for key, b in baselines(ctx.study).items()
+                              for m in ("mae", "rmsle", "hit_rate") if m in b})
         attrs.update({k: v for k, v in self.tracker.finish().to_attrs().items() if v is not None})
         self._set_attrs(attrs)
         tell(ctx.study, self.trial, metrics[ctx.cfg.study.objective])

@@ -19,6 +19,7 @@ from .space import TrialParams
 
 class Reporter(Protocol):
     def message(self, text: str) -> None: ...
+    def warning(self, text: str) -> None: ...  # what makes a result doubtful: said loudly
     def trial_started(self, number: int, params: TrialParams, total_steps: int, note: str) -> None: ...
     def trial_step(self, number: int, record: dict, total_steps: int) -> None: ...
     def trial_ended(self, number: int, state: str, attrs: dict) -> None: ...
@@ -26,6 +27,9 @@ class Reporter(Protocol):
 
 class NullReporter:
     def message(self, text):
+        pass
+
+    def warning(self, text):
         pass
 
     def trial_started(self, number, params, total_steps, note):

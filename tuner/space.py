@@ -46,6 +46,7 @@ class TrialParams:
     seed: int
     max_steps: int | None = None
     model: str = ""
+    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
 
     @property
     def effective_batch(self) -> int:
@@ -66,7 +67,11 @@ class TrialParams:
 # Every sampled setting but the model, r and alpha (which have shapes of their own), by section of the sweep file,
 # with its type. Sampling, the study's signature and grid spaces are all read off these tables. The order is the
 # order of the `suggest` calls, which a seeded sampler's draws depend on.
-SEARCH_SETTINGS: dict[str, type] = {"target_modules": str, "dropout": float, "quant_bits": int, "learning_rate": float}
+SEARCH_SETTINGS: dict[str, type] = {"target_modules": str, "dropout": float, "quant_bits": int, "learning_rate": float,
+                                    "use_rslora": bool}
+# Settings added after studies existed: at their default they stay out of the signature, so that a study made
+# before them is still the same search.
+LATER_DEFAULTS: dict[str, object] = {"use_rslora": False}
 TRAIN_SETTINGS: dict[str, type] = {"epochs": int, "batch_size": int, "grad_accum": int, "max_length": int,
                                    "optimizer": str, "scheduler": str, "warmup_ratio": float, "weight_decay": float,
                                    "max_grad_norm": float}
@@ -89,10 +94,11 @@ def _suggest(trial: Suggester, name: str, dim: Dim, kind: type) -> Any:
     return trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
 
 
-def sample(trial: Suggester, cfg: SweepConfig,
-           available_modules: "set[str] | dict[str, set[str]] | None" = None) -> TrialParams:
+def sample(trial: Suggester, cfg: SweepConfig, available_modules: "set[str] | dict[str, set[str]] | None" = None,
+           max_lengths: dict[str, int] | None = None) -> TrialParams:
     """Draw one trial's parameters. `available_modules` (the model's linear layer names, or per model key) resolves
-    target sets; a set that matches nothing was refused at study start, so here it only narrows the list."""
+    target sets; a set that matches nothing was refused at study start, so here it only narrows the list.
+    `max_lengths`: per model key, what `max_length: auto` resolved to on the data (`prepare`)."""
     s, t = cfg.search, cfg.train
     model = cfg.model.keys()[0] if cfg.model.is_fixed else trial.suggest_categorical("model", cfg.model.keys())
     ranks = s.r.values()
@@ -104,7 +110,15 @@ def sample(trial: Suggester, cfg: SweepConfig,
         alpha = float(s.alpha.value)
     else:
         alpha = float(_suggest(trial, "alpha_ratio", s.alpha.ratio, float)) * r
-    values = {name: _suggest(trial, name, dim, kind) for name, (dim, kind) in setting_dims(cfg).items()}
+    dims = setting_dims(cfg)
+    auto = dims["max_length"][0].value == "auto"
+    if auto:  # resolved from the data, not drawn
+        del dims["max_length"]
+    values = {name: _suggest(trial, name, dim, kind) for name, (dim, kind) in dims.items()}
+    if auto:
+        if not max_lengths or model not in max_lengths:
+            raise ValueError("train.max_length auto has not been resolved on the data (prepare.prepare does that)")
+        values["max_length"] = int(max_lengths[model])
     target_set = values.pop("target_modules")
     wanted = s.target_set(target_set)
     if isinstance(available_modules, dict):
@@ -130,7 +144,8 @@ def space_signature(cfg: SweepConfig) -> dict:
         "objective": cfg.study.objective,
         "r": [s.r.min, s.r.max],
         "alpha": s.alpha.value if s.alpha.value is not None else {"ratio": dim(s.alpha.ratio)},
-        **{k: dim(getattr(s, k)) for k in SEARCH_SETTINGS},
+        **{k: dim(getattr(s, k)) for k in SEARCH_SETTINGS
+           if not (getattr(s, k).is_fixed and LATER_DEFAULTS.get(k, object()) == getattr(s, k).value)},
         "target_sets": {k: s.target_set(k) for k in s.target_modules.values()},
         "train": {k: dim(getattr(t, k)) for k in TRAIN_SETTINGS} | {"seed": t.seed, "max_steps": t.max_steps},
     }

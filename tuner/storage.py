@@ -73,6 +73,27 @@ def engine_kwargs(url: str) -> dict:
     return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4}
 
 
+def check_url(url: str) -> None:
+    """Before anything else is done: a URL that cannot be parsed, or a database server that cannot be reached, is
+    refused. Nothing is created (a SQLite file is only made when the storage is opened, after the data and models
+    are known to be good)."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise StorageError(f"storage {mask_url(url)!r}: not a database URL (examples: sqlite:///studies.db, "
+                           f"postgresql://user@host/db)") from None
+    if parsed.drivername.startswith("sqlite"):
+        return
+    try:
+        engine = sa.create_engine(url, **engine_kwargs(url))
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # drivers raise their own types; all mean the same thing to a user
+        reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300]
+        raise StorageError(f"cannot open storage {mask_url(url)}: {type(exc).__name__}: {reason}") from None
+
+
 def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  retry_callback=None):
     """An `optuna.storages.RDBStorage`, or a clear StorageError naming the URL (password masked) and the cause."""

@@ -180,7 +180,7 @@ class TrialRun:
         if self.plan is None:
             self.plan = ExecutionPlan(micro_batch=p.batch_size)
         self.adapter = lora.attach(model, self.name, r=p.r, alpha=p.alpha, dropout=p.dropout,
-                                   target_modules=list(p.target_modules), seed=p.seed)
+                                   target_modules=list(p.target_modules), seed=p.seed, use_rslora=p.use_rslora)
         self._optimizer, self.optimizer_note = make_optimizer(p.optimizer, self.adapter.parameters(), p.learning_rate,
                                                               p.weight_decay, device)
         self._scheduler, self.warmup_steps = make_scheduler(p.scheduler, self._optimizer, self.total_steps,

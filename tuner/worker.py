@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from . import artifacts, models
 from . import storage as store
-from .baselines import ensure_base_model, ensure_median
+from .baselines import ensure_base_model, ensure_classical, ensure_median, record_fits
 from .batches import encode
 from .config import SweepConfig
 from .errors import TunerError
@@ -104,11 +104,16 @@ class Worker:
 
     # -- set-up: everything that can fail on bad input fails here, before a model is loaded --------------------
     def prepare(self) -> None:
+        """Data, models and token budgets are checked before the storage is opened: bad input leaves no study
+        behind (one made with a wrong data path would refuse the corrected run as another search)."""
         cfg = self.cfg
         if os.environ.get("TUNER_TORCH_THREADS"):  # set by --workers: this process's share of the cores
             import torch
 
             torch.set_num_threads(int(os.environ["TUNER_TORCH_THREADS"]))
+        store.check_url(self.opts.storage_url)
+        self.ready = prepare(cfg)
+        self._say_fits()
         self.retry = RetryFailedTrialCallback(max_retry=cfg.study.max_retries)
         self.storage = store.open_storage(self.opts.storage_url, heartbeat_interval=cfg.study.heartbeat_interval,
                                           grace_period=cfg.study.grace_period, retry_callback=self.retry)
@@ -117,7 +122,6 @@ class Worker:
                                        .get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         self.study = open_study(cfg, self.storage, self.study_name, force=self.opts.force,
                                 seed_offset=_seed_offset(busy))
-        self.ready = prepare(cfg)
         self.device = models.pick_device(self.opts.device)
         self.out_root = Path(cfg.study.output_dir) / self.study_name
         self.store_dir = artifacts.location(self.opts.storage_url, cfg.study.artifacts)
@@ -130,6 +134,21 @@ class Worker:
                 self.reporter.message("tracking.hub.push_checkpoints: no Hugging Face token (HF_TOKEN or `hf auth "
                                       "login`); checkpoints are kept locally and not pushed")
         ensure_median(self.study, self.ready.splits)
+        ensure_classical(self.study, self.ready.splits)
+        record_fits(self.study, self.ready)
+
+    def _say_fits(self) -> None:
+        """How the rows fit each token budget, in the run output; a loud warning where most descriptions lose much."""
+        for model, rec in self.ready.auto_lengths.items():
+            self.reporter.message(f"train.max_length auto: {rec['value']} tokens for {model} (95% of rows fit "
+                                  f"{rec['p95']}; cap {rec['cap']}; longest row {rec['longest']})")
+        for (model, budget), (_, fit) in self.ready.fits.items():
+            name = "" if self.cfg.model.is_fixed else f"{model}: "
+            if fit.loud:
+                self.reporter.warning(f"{name}{fit.line()}: most descriptions lose more than {fit.warn_fraction:.0%} "
+                                      f"of their text; raise train.max_length (or use auto) to keep more of it")
+            else:
+                self.reporter.message(f"{name}{fit.line()}")
 
     # -- the main loop ------------------------------------------------------------------------------------------
     def run(self) -> WorkerReport:
@@ -213,7 +232,7 @@ class Worker:
 
     def _describe(self, got: Acquired) -> TrialParams:
         trial = got.trial
-        params = sample(trial, self.cfg, self.ready.modules)
+        params = sample(trial, self.cfg, self.ready.modules, self.ready.max_lengths())
         # Every trial's values, fixed or sampled, so that a reader of the trial alone sees them all.
         for key, value in (("r", params.r), ("alpha", params.alpha), ("dropout", params.dropout),
                            ("learning_rate", params.learning_rate), ("quant_bits", params.quant_bits),
@@ -233,9 +252,9 @@ class Worker:
         runs: list[TrialRun] = []
         try:
             base = self.bases.get(self.ready.resolved[first.params.model], first.params.quant_bits, self.device)
+            splits, _ = self.ready.fitted(first.params.model, first.params.max_length)
             ensure_base_model(self.study, base, first.params.model, fixed_model=self.cfg.model.is_fixed,
-                              scorer=self.ready.scorers[first.params.model], splits=self.ready.splits,
-                              reporter=self.reporter)
+                              scorer=self.ready.scorers[first.params.model], splits=splits, reporter=self.reporter)
             runs.append(self._make_run(first, base))
         except Exception as exc:
             self._trial_error(first, exc)
@@ -294,10 +313,14 @@ class Worker:
     def _make_run(self, got: Acquired, base: models.Base) -> TrialRun:
         trial, params = got.trial, got.params
         trial.set_user_attr("quantization", models.describe_quantization(params.quant_bits, base.dtype))
+        splits, fit = self.ready.fitted(params.model, params.max_length)
+        trial.set_user_attr("fit", fit.summary())
         rows, too_long = self._rows_for(params.model, params.max_length)
-        if too_long:
+        if too_long:  # fitting cut every description to the budget: a row left too long is a bug, said loudly
             trial.set_user_attr("rows_too_long", too_long)
-        ctx = TrialContext(study=self.study, cfg=self.cfg, splits=self.ready.splits,
+            self.reporter.warning(f"trial {trial.number}: {too_long} fitted rows are still longer than "
+                                  f"{params.max_length} tokens and were left out")
+        ctx = TrialContext(study=self.study, cfg=self.cfg, splits=splits,
                            scorer=self.ready.scorers[params.model], store_dir=self.store_dir, reporter=self.reporter,
                            device=self.device, hub_token=self.hub_token)
         outcome = TrialOutcome(ctx, trial, params, base, root_number=got.root_number, retry_of=got.retry_of,
@@ -311,7 +334,8 @@ class Worker:
     def _rows_for(self, model: str, max_length: int):
         key = (model, max_length)
         if key not in self._encoded:
-            self._encoded[key] = encode(self.ready.tokenizers[model], self.ready.splits.train, max_length)
+            splits, _ = self.ready.fitted(model, max_length)
+            self._encoded[key] = encode(self.ready.tokenizers[model], splits.train, max_length)
         return self._encoded[key]
 
     def _checkpoint_owner(self, got: Acquired) -> str:

@@ -1,0 +1,191 @@
+"""Data that does not fit the token budget: descriptions are cut, never rows dropped (and the prompt's question,
+answer prefix and price never touched), the same way for every split; `max_length: auto`; refusals before a study
+exists; the classical baseline; `tuner data`."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from conftest import tuner
+from tuner.batches import auto_max_length, encode, fit_splits, row_length
+from tuner.config import DataSpec
+from tuner.data import load_splits
+from tuner.errors import DataError
+
+WORDS = ("oak walnut brass handle drawer vintage mirror polished lacquer carved shelf cabinet antique velvet "
+         "linen chrome marble hinge dovetail veneer").split()
+
+
+def long_texts(path: Path, n: int, words: tuple[int, int], seed: int = 0, price=None) -> Path:
+    """A CSV of `n` listings of random furniture words, `words` long, priced by their length."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = rng.randint(*words)
+        text = f"Listing {i}: " + " ".join(rng.choice(WORDS) for _ in range(k)) + "."
+        rows.append({"text": text, "price": price if price is not None else 20 + 3 * k + rng.randint(0, 50)})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_long_descriptions_are_cut_not_dropped_alike_in_every_split(tokenizer, tmp_path):
+    spec = DataSpec(source=str(long_texts(tmp_path / "d.csv", 60, (20, 160))), train_rows=40, val_rows=8,
+                    test_rows=12)
+    splits = load_splits(spec)
+    fitted, fit = fit_splits(tokenizer, splits, 100, spec)
+    assert [len(getattr(fitted, s)) for s in ("train", "val", "test")] == [40, 8, 12]  # no row dropped
+    assert 0 < len(fit.cuts) < 60 and fit.rows == 60
+    for name in ("train", "val", "test"):
+        for before, after in zip(getattr(splits, name), getattr(fitted, name)):
+            assert after.row_id == before.row_id and after.completion == before.completion
+            assert row_length(tokenizer, after.prompt, after.completion) <= 100
+            assert after.prompt.startswith("How much does this cost to the nearest dollar?\n\nListing ")
+            assert after.prompt.endswith("\n\nPrice is $")
+            body = after.prompt.removesuffix("\n\nPrice is $")
+            assert before.prompt.removesuffix("\n\nPrice is $").startswith(body)  # a cut, not a rewrite
+    cut_ids = {c.row_id for c in fit.cuts}
+    assert any(e.row_id in cut_ids for e in fitted.test)  # the scorer sees the prompts cut as in training
+    rows, too_long = encode(tokenizer, fitted.train, 100)
+    assert too_long == 0 and len(rows) == 40
+    removed = sorted(c.removed for c in fit.cuts)
+    assert fit.line().startswith(f"{len(fit.cuts)} of 60 descriptions cut to fit 100 tokens; median cut "
+                                 f"{removed[len(removed) // 2]} tokens")
+
+
+def test_auto_picks_the_length_that_leaves_95_percent_uncut(tokenizer, tmp_path):
+    spec = DataSpec(source=str(long_texts(tmp_path / "d.csv", 60, (20, 160))), train_rows=40, val_rows=8,
+                    test_rows=12)
+    splits = load_splits(spec)
+    lengths = sorted(row_length(tokenizer, e.prompt, e.completion) for e in splits.train + splits.val + splits.test)
+    rec = auto_max_length(tokenizer, splits, cap=4096)
+    assert rec["value"] == rec["p95"] == lengths[56] and rec["longest"] == lengths[-1]
+    assert sum(n > rec["value"] for n in lengths) <= 3
+    assert auto_max_length(tokenizer, splits, cap=80)["value"] == 80
+    with pytest.raises(DataError, match="every row is longer than train.max_length_cap 30"):
+        auto_max_length(tokenizer, splits, cap=30)
+
+
+def test_a_prompt_that_cannot_fit_even_without_its_description_is_named(tokenizer, tmp_path):
+    spec = DataSpec(source=str(long_texts(tmp_path / "d.csv", 30, (5, 10))), train_rows=20, val_rows=4,
+                    test_rows=6)
+    with pytest.raises(DataError, match=r"train.max_length 20: 30 rows do not fit even with their description cut "
+                                        r"to nothing \(row ids \d+, \d+, \d+, \d+, \d+, \.\.\.\)"):
+        fit_splits(tokenizer, load_splits(spec), 20, spec)
+
+
+def test_classical_baseline_beats_the_constant_on_diamonds(diamonds):
+    from tuner.baselines import classical
+    from tuner.scoring import constant_baseline
+
+    truths = [e.price for e in diamonds.test]
+    c = classical(diamonds.train, diamonds.val, diamonds.test)
+    const = constant_baseline(diamonds.train_median, truths)
+    assert c["n"] == len(truths) == 32 and c["train_rows"] == 64
+    assert c["mae"] < 0.8 * const["mae"] and c["rmsle"] < const["rmsle"]
+    assert c == {**classical(diamonds.train, diamonds.val, diamonds.test), "seconds": c["seconds"]}  # deterministic
+    fewer = classical(diamonds.train[:16], diamonds.val, diamonds.test)
+    assert fewer["mae"] != c["mae"] and fewer["train_rows"] == 16
+
+
+def test_run_says_what_was_cut_and_compares_with_every_baseline(tmp_path):
+    """One real trial on long texts: the run output and `tuner status` say how many rows were cut, the trial
+    records it, the leaderboard shows the classical baseline, and the last line compares strongest first."""
+    data = long_texts(tmp_path / "d.csv", 40, (40, 160))
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"""
+study: {{name: fit, trials: 1, output_dir: {tmp_path / 'runs'}}}
+data: {{source: {data}, train_rows: 16, val_rows: 8, test_rows: 16}}
+search: {{r: 8, target_modules: qv, quant_bits: 16, learning_rate: 2.0e-3}}
+train: {{batch_size: 8, max_length: 80}}
+scoring: {{batch_size: 16}}
+tracking: {{wandb: {{mode: disabled}}}}
+""")
+    url = f"sqlite:///{tmp_path}/s.db"
+    res = tuner(["run", str(sweep), "--storage", url], tmp_path, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    study = optuna.load_study(study_name="fit", storage=url)
+    fit = study.user_attrs["fits"]["builtin:smollm2-135m-instruct@80"]
+    assert fit["rows"] == 40 and fit["cut"] > 20
+    assert f"{fit['cut']} of 40 descriptions cut to fit 80 tokens" in out
+    assert "WARNING:" in out and "most descriptions lose more than 25%" in out
+    [t] = study.trials
+    assert t.state.name == "COMPLETE" and t.user_attrs["fit"]["cut"] == fit["cut"] and "rows_too_long" not in t.user_attrs
+    assert "baseline: classical (TF-IDF + ridge)" in out
+    last = [line for line in res.stdout.splitlines() if line.strip()][-1]
+    base = study.user_attrs["baselines"]
+    order = sorted(base, key=lambda k: base[k]["mae"])
+    assert last.startswith(f"best MAE ${t.value:,.0f}: {t.value / base[order[0]]['mae']:.0%} of the ")
+    status = tuner(["status", "fit", "--storage", url], tmp_path)
+    assert status.returncode == 0 and f"{fit['cut']} of 40 descriptions cut to fit 80 tokens" in status.stdout
+
+
+BAD = {
+    "every text exceeds any budget": (lambda p: long_texts(p, 40, (2000, 2200)), "every description is longer "
+                                                                                   "than any budget"),
+    "fewer rows than the splits": (lambda p: long_texts(p, 20, (5, 10)), "20 usable rows, but train_rows"),
+    "six orders of magnitude": (lambda p: _prices(p, [0.01] * 20 + [50_000.0] * 20), "six orders of magnitude"),
+    "booleans as prices": (lambda p: _prices(p, [True, False] * 20), "holds true/false values, not prices"),
+    "a duplicate price header": (lambda p: _write(p, "text,price,price\n" + "a chair,12,13\n" * 40),
+                                 "the header names column 'price' twice"),
+    "a header-only file": (lambda p: _write(p, "text,price\n"), "no rows"),
+}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _prices(path: Path, prices: list) -> Path:
+    pd.DataFrame({"text": [f"item {i}" for i in range(len(prices))], "price": prices}).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_data_is_refused_before_the_study_exists(tmp_path, case):
+    make, message = BAD[case]
+    data = make(tmp_path / "d.csv")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"study: {{name: bad}}\ndata: {{source: {data}, train_rows: 24, val_rows: 4, test_rows: 4}}\n"
+                     f"tracking: {{wandb: {{mode: disabled}}}}\n")
+    for command in (["data", str(sweep)], ["run", str(sweep), "--storage", f"sqlite:///{tmp_path}/s.db"]):
+        res = tuner(command, tmp_path)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "s.db").exists()  # nothing stored: no study to refuse the corrected run
+
+
+def test_a_wrong_data_path_leaves_no_study_behind(tmp_path):
+    """A study made with the wrong path in its signature would refuse the corrected run as another search."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("study: {name: typo, trials: 1}\ndata: {source: missing.csv}\n")
+    res = tuner(["run", str(sweep), "--storage", f"sqlite:///{tmp_path}/s.db"], tmp_path)
+    assert res.returncode == 2 and "data.source 'missing.csv': no such file" in res.stderr, res.stderr
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_tuner_data_says_what_a_study_will_train_on(tmp_path):
+    data = long_texts(tmp_path / "d.csv", 60, (20, 160))
+    with open(data, "a") as fh:
+        fh.write("no price here,\n")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"data: {{source: {data}, train_rows: 40, val_rows: 8, test_rows: 12}}\n"
+                     f"train: {{max_length: 100}}\n")
+    res = tuner(["data", str(sweep)], tmp_path)
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr
+    assert "61 rows read; skipped: 1 missing price" in out
+    assert "splits: train 40, validation 8, test 12" in out
+    assert "tokens per row (prompt + price): 5% " in out and "train.max_length 100" in out
+    assert "descriptions cut to fit 100 tokens; median cut" in out
+    bars = [line for line in out.splitlines() if re.fullmatch(r"\s+\$[\d,]+ -\s+\$[\d,]+\s+#*\s+\d+", line)]
+    assert "prices: min $" in out and len(bars) == 8  # the histogram's bins
+    assert "test MAE of the baselines: constant train median $" in out and "classical (TF-IDF + ridge) $" in out
