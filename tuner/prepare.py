@@ -52,14 +52,15 @@ def prepare(cfg: SweepConfig) -> Prepared:
 
 def fit_every_budget(ready: Prepared) -> None:
     """Resolve `max_length: auto` per model and fit the rows to every budget the sweep names, so that data that
-    cannot fit is refused now. Budgets drawn from a range are fitted when a trial draws them."""
+    cannot fit is refused now. Of a range, its lowest budget (the one that cuts most); the others are fitted when
+    a trial draws them."""
     dim = ready.cfg.train.max_length
     for model, tok in ready.tokenizers.items():
         if dim.kind == "fixed" and dim.value == "auto":
             ready.auto_lengths[model] = auto_max_length(tok, ready.splits, ready.cfg.train.max_length_cap)
             budgets = [ready.auto_lengths[model]["value"]]
         else:
-            budgets = list(dim.choices) if dim.kind == "choices" else [dim.value] if dim.kind == "fixed" else []
+            budgets = {"choices": list(dim.choices), "fixed": [dim.value]}.get(dim.kind, [dim.low])
         for budget in budgets:
             ready.fitted(model, int(budget))
 

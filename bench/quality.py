@@ -1,0 +1,146 @@
+"""Quality at equal wall time: tuner's default study against a plain Optuna TPE loop over the same search space
+(each trial trained alone to the end, no pruning, no co-training), on diamonds and on the Ames listings, in one run
+on one machine. Each approach's best test MAE is printed as a fraction of the constant-median and classical
+(TF-IDF + ridge) baselines; the last line is the summary.
+
+  python bench/quality.py                                   # both data sets, the default sweep (about 1 hour)
+  python bench/quality.py --sources builtin:diamonds --workdir /tmp/q   # keeps the studies to look at
+
+Equal wall time: tuner's default study runs first, to its own budget; its wall time W is then the plain loop's
+budget, and only plain trials that ended within W count. Both take their best trial by its test MAE, which is how
+a study's value is defined (see README, "What a trial is").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from common import emit
+
+HERE = Path(__file__).resolve().parent
+
+
+def cpu_note() -> str:
+    try:
+        bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        bf16 = False
+    return f"{os.cpu_count()} cores, {'AVX512-BF16' if bf16 else 'no AVX512-BF16'} ({platform.machine()})"
+
+
+def default_sweep(source: str) -> dict:
+    cfg = yaml.safe_load((HERE.parent / "sweeps" / "default.yaml").read_text())
+    cfg["data"]["source"] = source  # only the data source changes, as a user pointing the default at their data
+    return cfg
+
+
+def run_tuner(cfg_dict: dict, url: str, out_dir: Path) -> tuple[float, float, dict]:
+    """tuner's default study as `tuner run` runs it. Returns (best test MAE, wall seconds, its baselines)."""
+    import optuna
+
+    from tuner.config import parse_config
+    from tuner.worker import WorkerOptions, run_worker
+
+    cfg_dict = copy.deepcopy(cfg_dict)
+    cfg_dict["study"]["output_dir"] = str(out_dir)
+    cfg_dict.setdefault("tracking", {})["wandb"] = {"mode": "disabled"}
+    cfg = parse_config(cfg_dict, "<bench quality: tuner>")
+    t0 = time.time()
+    run_worker(cfg, WorkerOptions(storage_url=url))
+    wall = time.time() - t0
+    study = optuna.load_study(study_name=cfg.study.name, storage=url)
+    return study.best_value, wall, study.user_attrs["baselines"]
+
+
+def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, int]:
+    """A plain Optuna loop: TPE over tuner's search space, each trial trained alone to its last step and scored on
+    the test rows. No pruning, no co-training, no intermediate evaluation. Trials that end after `budget_s` do not
+    count. Returns (best test MAE within the budget, trials counted)."""
+    import optuna
+
+    from tuner.batches import encode
+    from tuner.config import parse_config
+    from tuner.loop import train_one
+    from tuner.models import load_base, release
+    from tuner.prepare import prepare
+    from tuner.scoring import price_metrics
+    from tuner.space import sample
+    from tuner.train import TrialRun
+
+    cfg_dict = copy.deepcopy(cfg_dict)
+    cfg_dict["study"].pop("pruner", None)
+    cfg = parse_config(cfg_dict, "<bench quality: plain>")
+    ready = prepare(cfg)
+    bases: dict = {}
+    t0 = time.time()
+    ended: list[tuple[float, float]] = []  # (seconds since start, test MAE)
+
+    def objective(trial: optuna.Trial) -> float:
+        p = sample(trial, cfg, ready.modules, ready.max_lengths())
+        key = (p.model, p.quant_bits)
+        if key not in bases:
+            for old in list(bases):
+                release(bases.pop(old))
+            bases[key] = load_base(ready.resolved[p.model], p.quant_bits, "cpu")
+        base = bases[key]
+        splits, _ = ready.fitted(p.model, p.max_length)
+        rows, _ = encode(base.tokenizer, splits.train, p.max_length)
+        scores: dict = {}
+
+        def score(run):
+            res = ready.scorers[p.model].predict(base.model, [e.prompt for e in splits.test], adapter=run.name)
+            scores.update(price_metrics([x.value for x in res.predictions], [e.price for e in splits.test]))
+
+        with tempfile.TemporaryDirectory() as tmp:
+            train_one(base, TrialRun(f"plain-{trial.number}", p, rows, Path(tmp), checkpoint_every=None),
+                      on_done=score)
+        ended.append((time.time() - t0, scores["mae"]))
+        return scores["mae"]
+
+    study = optuna.create_study(study_name="plain", storage=url, direction="minimize",
+                                sampler=optuna.samplers.TPESampler(seed=cfg.study.sampler.seed,
+                                                                   n_startup_trials=cfg.study.sampler.n_startup_trials))
+    study.optimize(objective, timeout=budget_s)
+    for key in list(bases):
+        release(bases.pop(key))
+    within = [mae for at, mae in ended if at <= budget_s]
+    return (min(within) if within else None), len(within)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sources", default="builtin:diamonds,builtin:ames")
+    ap.add_argument("--workdir", help="keep the studies here (default: a temporary folder)")
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="tuner-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for source in args.sources.split(","):
+        slug = source.split(":")[-1].replace("/", "_").replace(".", "_")
+        cfg = default_sweep(source)
+        best, wall, base = run_tuner(cfg, f"sqlite:///{work}/{slug}-tuner.db", work / f"{slug}-runs")
+        plain, counted = run_plain(cfg, f"sqlite:///{work}/{slug}-plain.db", wall)
+        median, classical = base["median"]["mae"], base["classical"]["mae"]
+        for label, value in (("tuner default", best), ("plain TPE", plain)):
+            emit({"bench": "quality", "source": source, "approach": label, "best_mae": value,
+                  "of_median": None if value is None else round(value / median, 3),
+                  "of_classical": None if value is None else round(value / classical, 3),
+                  "wall_s": round(wall), "plain_trials_counted": counted if label == "plain TPE" else None})
+        won = plain is None or best < plain
+        summary.append(f"{source}: tuner {best / median:.0%} of the median, {best / classical:.0%} of the classical; "
+                       f"plain TPE " + ("no trial ended in time" if plain is None else
+                                        f"{plain / median:.0%} and {plain / classical:.0%}")
+                       + f" in {wall / 60:.1f} min each ({'tuner lower' if won else 'plain TPE lower'})")
+    print(f"quality ({cpu_note()}): " + "; ".join(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
