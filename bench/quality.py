@@ -119,6 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sources", default="builtin:diamonds,builtin:ames")
     ap.add_argument("--workdir", help="keep the studies here (default: a temporary folder)")
+    ap.add_argument("--smoke", action="store_true", help="2 trials on a few rows: checks the bench runs, measures nothing")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tuner-quality-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -126,6 +127,10 @@ def main() -> None:
     for source in args.sources.split(","):
         slug = source.split(":")[-1].replace("/", "_").replace(".", "_")
         cfg = default_sweep(source)
+        if args.smoke:
+            cfg["study"].update(trials=2, timeout=None, pruner={"type": "none"})
+            cfg["data"].update(train_rows=16, val_rows=8, test_rows=8)
+            cfg["train"].update(eval_every=None, eval_rows=8, max_length_cap=96)
         best, wall, base = run_tuner(cfg, f"sqlite:///{work}/{slug}-tuner.db", work / f"{slug}-runs")
         plain, counted = run_plain(cfg, f"sqlite:///{work}/{slug}-plain.db", wall)
         median, classical = base["median"]["mae"], base["classical"]["mae"]
@@ -134,11 +139,12 @@ def main() -> None:
                   "of_median": None if value is None else round(value / median, 3),
                   "of_classical": None if value is None else round(value / classical, 3),
                   "wall_s": round(wall), "plain_trials_counted": counted if label == "plain TPE" else None})
-        won = plain is None or best < plain
+        verdict = ("tuner lower" if plain is None or best < plain else "plain TPE lower" if plain < best
+                   else "the same")
         summary.append(f"{source}: tuner {best / median:.0%} of the median, {best / classical:.0%} of the classical; "
                        f"plain TPE " + ("no trial ended in time" if plain is None else
                                         f"{plain / median:.0%} and {plain / classical:.0%}")
-                       + f" in {wall / 60:.1f} min each ({'tuner lower' if won else 'plain TPE lower'})")
+                       + f" in {wall / 60:.1f} min each ({verdict})")
     print(f"quality ({cpu_note()}): " + "; ".join(summary), flush=True)
 
 

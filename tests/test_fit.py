@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import tuner
-from tuner.batches import auto_max_length, encode, fit_splits, row_length
+from tuner.batches import auto_max_length, auto_reason, encode, fit_splits, row_length
 from tuner.config import DataSpec
 from tuner.data import load_splits
 from tuner.errors import DataError
@@ -59,16 +59,26 @@ def test_long_descriptions_are_cut_not_dropped_alike_in_every_split(tokenizer, t
 
 
 def test_auto_picks_the_length_that_leaves_95_percent_uncut(tokenizer, tmp_path):
-    spec = DataSpec(source=str(long_texts(tmp_path / "d.csv", 60, (20, 160))), train_rows=40, val_rows=8,
-                    test_rows=12)
+    # 57 listings of 20-60 words and 3 of 300: the long tail is cut rather than paid for by every batch.
+    short, tail = long_texts(tmp_path / "s.csv", 57, (20, 60)), long_texts(tmp_path / "t.csv", 3, (300, 300), seed=1)
+    pd.concat([pd.read_csv(short), pd.read_csv(tail)]).to_csv(tmp_path / "d.csv", index=False)
+    spec = DataSpec(source=str(tmp_path / "d.csv"), train_rows=40, val_rows=8, test_rows=12)
     splits = load_splits(spec)
     lengths = sorted(row_length(tokenizer, e.prompt, e.completion) for e in splits.train + splits.val + splits.test)
     rec = auto_max_length(tokenizer, splits, cap=4096)
     assert rec["value"] == rec["p95"] == lengths[56] and rec["longest"] == lengths[-1]
     assert sum(n > rec["value"] for n in lengths) <= 3
     assert auto_max_length(tokenizer, splits, cap=80)["value"] == 80
-    with pytest.raises(DataError, match="every row is longer than train.max_length_cap 30"):
-        auto_max_length(tokenizer, splits, cap=30)
+    # Rows all longer than the cap: the cap, and their descriptions are cut to it (not refused: they fit when cut).
+    capped = auto_max_length(tokenizer, splits, cap=30)
+    assert capped["value"] == 30 and auto_reason(capped).startswith("30 tokens (the cap; 95% of rows need")
+    assert fit_splits(tokenizer, splits, 30, spec)[1].line().startswith("60 of 60 descriptions cut to fit 30 tokens")
+    # Rows of nearly one length: cutting the longest by a token or two would save nothing, so every row fits.
+    even = load_splits(DataSpec(source=str(long_texts(tmp_path / "e.csv", 60, (30, 33))), train_rows=40, val_rows=8,
+                                test_rows=12))
+    rec = auto_max_length(tokenizer, even, cap=4096)
+    assert rec["value"] == rec["longest"] > rec["p95"] or rec["value"] == rec["longest"] == rec["p95"]
+    assert auto_reason(rec).startswith(f"{rec['longest']} tokens (every row fits;")
 
 
 def test_a_prompt_that_cannot_fit_even_without_its_description_is_named(tokenizer, tmp_path):

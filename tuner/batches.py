@@ -230,14 +230,19 @@ def fit_splits(tokenizer, splits, max_length: int, spec):
 
 def auto_max_length(tokenizer, splits, cap: int) -> dict:
     """`max_length: auto`: the row length that leaves 95% of all rows (train, validation and test) uncut, at most
-    `cap`. Refused when every row is longer than the cap: no budget tuner would pick fits any of them."""
-    from .errors import DataError
-
+    `cap`; the longest row instead when that costs at most a quarter more tokens, since cutting a short description
+    by a token or two saves nothing and may cut off a fact. Rows longer than the cap have their descriptions cut to
+    it like any others (said in the run output, loudly when most lose much); rows that cannot fit even so are
+    refused by the fitting, by row id."""
     rows = splits.train + splits.val + splits.test
     lengths = sorted(row_length(tokenizer, e.prompt, e.completion) for e in rows)
     p95 = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]
-    if lengths[0] > cap:
-        raise DataError(f"train.max_length auto: every row is longer than train.max_length_cap {cap} tokens (the "
-                        f"shortest needs {lengths[0]}); set train.max_length (descriptions are then cut) or raise "
-                        f"the cap")
-    return {"value": min(p95, cap), "p95": p95, "cap": cap, "longest": lengths[-1]}
+    value = lengths[-1] if lengths[-1] <= 1.25 * p95 else p95
+    return {"value": min(value, cap), "p95": p95, "cap": cap, "longest": lengths[-1]}
+
+
+def auto_reason(rec: dict) -> str:
+    """Why `max_length: auto` chose what it chose, in words (run output and `tuner data`)."""
+    why = ("every row fits" if rec["value"] == rec["longest"] else f"the cap; 95% of rows need {rec['p95']}"
+           if rec["value"] == rec["cap"] else f"95% of rows fit {rec['p95']}")
+    return f"{rec['value']} tokens ({why}; longest row {rec['longest']}, cap {rec['cap']})"

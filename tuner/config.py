@@ -172,7 +172,8 @@ _length_dim = _dim("integer", _integer, _at_least(16))
 
 def _max_length(raw: Any) -> Dim:
     """Tokens of prompt and completion together: a fixed budget, choices or a range of them, or `auto` (chosen from
-    the data: the length that leaves 95% of rows uncut, up to `max_length_cap`)."""
+    the data: the length that leaves 95% of rows uncut, or every row where that costs at most a quarter more,
+    up to `max_length_cap`)."""
     if raw == "auto":
         return Dim("fixed", value="auto")
     if isinstance(raw, str):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .baselines import classical
-from .batches import row_length
+from .batches import auto_reason, row_length
 from .config import SweepConfig
 from .fmt import money, short_model
 from .prepare import prepare
@@ -65,14 +65,14 @@ def render(sheet: Datasheet, cfg: SweepConfig) -> list[str]:
     skipped = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in sorted(sheet.skipped.items())) or "none"
     lines = [f"data: {sheet.source}: {sheet.rows_read:,} rows read; skipped: {skipped}",
              "splits: " + ", ".join(f"{k} {v}" for k, v in sheet.sizes.items())]
-    budget = cfg.train.max_length.describe()
+    budget = "auto" if cfg.train.max_length.value == "auto" else cfg.train.max_length.describe()
     for model, ln in sheet.lengths.items():
         name = "" if cfg.model.is_fixed else f"{short_model(model)}: "
         lines.append(f"{name}tokens per row (prompt + price): 5% {ln['p5']}, median {ln['p50']}, 95% {ln['p95']}, "
                      f"longest {ln['max']}; train.max_length {budget}")
         if ln["auto"]:
             a = ln["auto"]
-            lines.append(f"{name}max_length auto picks {a['value']} (95% of rows fit {a['p95']}; cap {a['cap']})")
+            lines.append(f"{name}max_length auto picks {auto_reason(a)}")
         lines += [f"{name}{line}" for line in ln["fits"]]
     q = np.percentile(sheet.prices, [0, 25, 50, 75, 100])
     lines.append("prices: min {}, 25% {}, median {}, 75% {}, max {}".format(*(money(v) for v in q)))

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from . import artifacts, models
 from . import storage as store
 from .baselines import ensure_base_model, ensure_classical, ensure_median, record_fits
-from .batches import encode
+from .batches import auto_reason, encode
 from .config import SweepConfig
 from .errors import TunerError
 from .loop import NO_FAULTS, Faults, train_group
@@ -140,8 +140,7 @@ class Worker:
     def _say_fits(self) -> None:
         """How the rows fit each token budget, in the run output; a loud warning where most descriptions lose much."""
         for model, rec in self.ready.auto_lengths.items():
-            self.reporter.message(f"train.max_length auto: {rec['value']} tokens for {model} (95% of rows fit "
-                                  f"{rec['p95']}; cap {rec['cap']}; longest row {rec['longest']})")
+            self.reporter.message(f"train.max_length auto for {model}: {auto_reason(rec)}")
         for (model, budget), (_, fit) in self.ready.fits.items():
             name = "" if self.cfg.model.is_fixed else f"{model}: "
             if fit.loud:
