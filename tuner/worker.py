@@ -172,7 +172,7 @@ class Worker:
                         report.ran.append(number)
                         report.states[number] = state
             if self._timed_out():
-                self.reporter.message(f"timeout reached ({self.opts.timeout:.0f} s): no new trials")
+                self.reporter.message(f"timeout reached ({self._timeout():.0f} s): no new trials")
             report.interrupted = self.stopper.requested
         finally:
             if self._pending is not None:  # acquired but never started: give it back untouched
@@ -183,8 +183,13 @@ class Worker:
             report.seconds = time.time() - self._t0
         return report
 
+    def _timeout(self) -> float | None:
+        """`--timeout` on the command line, else the sweep's `study.timeout`."""
+        return self.opts.timeout if self.opts.timeout is not None else self.cfg.study.timeout
+
     def _timed_out(self) -> bool:
-        return self.opts.timeout is not None and time.time() - self._t0 > self.opts.timeout
+        limit = self._timeout()
+        return limit is not None and time.time() - self._t0 > limit
 
     # -- acquiring trials ---------------------------------------------------------------------------------------
     def _next(self) -> Acquired | None:
