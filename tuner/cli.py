@@ -336,7 +336,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import describe, load, read_rows, write_rows
+    from .inference import describe, load, read_rows, write_rows
     from .scoring import price_metrics
 
     if (args.description is None) == (args.file is None):

@@ -68,7 +68,8 @@ def relabel(errors: list[ConfigError], items: Sequence[str]) -> list[ConfigError
         if source is None:
             out.append(err)
             continue
-        moved = copy.copy(err)
+        moved = ConfigError.__new__(type(err))  # the same error, said of the --set instead of the file
+        moved.__dict__.update(err.__dict__)
         moved.file = f"--set {source}"
         moved.args = (str(err).replace(f"{err.file}: ", f"{moved.file}: ", 1),)
         out.append(moved)
