@@ -247,7 +247,8 @@ def cmd_best(args) -> int:
     for k, v in sorted(fmt.user_params(best.params).items()):
         table.add_row(f"param {k}", str(v))
     dur = fmt.trial_duration(best)
-    table.add_row("duration", fmt.secs(dur) + (f" ({dur:.0f} s, start to recorded outcome)" if dur is not None else ""))
+    table.add_row("duration", fmt.secs(dur) + (f" ({dur:.0f} s, start to recorded outcome)" if dur is not None
+                                               else ""))
     for k, v in sorted(best.user_attrs.items()):
         table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
     console.print(table)
