@@ -146,8 +146,8 @@ def test_status_best_report_and_export_for_scripts(swept, tmp_path):
         assert r["r"] in (8, 16) and r["bits"] == 4  # the fixed quant_bits as its value
         if t.state.name == "COMPLETE":
             assert r["duration_s"] == t.user_attrs["duration_s"] == fmt.trial_duration(t)
-            # The one duration is the study's start-to-end, up to the instant between recording it and `tell`.
-            assert abs(r["duration_s"] - (t.datetime_complete - t.datetime_start).total_seconds()) < 2
+            # The one duration is the study's start-to-end, but for the time `tell` takes to record the end.
+            assert 0 <= (t.datetime_complete - t.datetime_start).total_seconds() - r["duration_s"] < 10
     assert {b["name"] for b in status["leaderboard"] if b["kind"] == "baseline"} >= {"median", "classical"}
     assert status["best_trial"] == study.best_trial.number
 

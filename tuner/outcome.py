@@ -212,10 +212,11 @@ class TrialOutcome:
     def _set_attrs(self, attrs: dict) -> None:
         """Written just before `tell`: `duration_s` is measured here, so that it covers test scoring and artifacts
         and is the one duration the run line, `tuner status`, the report and the card show (`fmt.trial_duration`)."""
-        attrs["duration_s"] = self.duration()
         for k, v in attrs.items():
-            if v is not None:
+            if v is not None and k != "duration_s":
                 self.trial.set_user_attr(k, v)
+        attrs["duration_s"] = self.duration()  # last, so that only `tell` itself falls outside it
+        self.trial.set_user_attr("duration_s", attrs["duration_s"])
 
     def duration(self) -> float:
         """Seconds since the trial's start in the study (`datetime_start`, local time as Optuna records it)."""
