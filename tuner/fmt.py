@@ -51,8 +51,8 @@ def trial_duration(t: FrozenTrial) -> float | None:
     """A trial's one duration: from its start in the study (when a worker took it) to the moment its outcome was
     recorded, test scoring and artifacts included. The worker writes it as `duration_s` just before `tell`; the
     run line, `tuner status`, the report, the export and the card all read it here. A trial that ended without
-    one (failed before it trained) falls back to the study's own start and end, which differ from it by
-    milliseconds."""
+    one (failed before it trained) falls back to the study's own start and end, which span it plus the moment
+    `tell` takes to record the end."""
     if t.user_attrs.get("duration_s") is not None:
         return float(t.user_attrs["duration_s"])
     if t.datetime_complete and t.datetime_start:
