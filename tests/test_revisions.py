@@ -17,6 +17,16 @@ DESCRIPTION = ("Loose round diamond: 0.30 carat, Ideal cut, colour E, clarity VS
                "measures 4.30 x 4.33 x 2.65 mm.")
 
 
+def archived(root, trial, step: int):
+    """The trial's checkpoint at `step` as the artifact store keeps it (unpacked into a folder of its own)."""
+    from tuner import artifacts
+
+    dest = root / "archived" / f"step-{step}"
+    if not dest.is_dir():
+        artifacts.extract_checkpoint(artifacts.open_store(root / "artifacts", create=False), trial, step, dest)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def pushed(tmp_path_factory, hub):
     """One 16-bit trial of 6 steps, checkpoints every 2 steps (2 and 4; the end is the trial's own adapter),
@@ -47,8 +57,10 @@ def test_checkpoints_are_pushed_while_training_and_kept_for_promotion(pushed, hu
     for step in (2, 4):
         files = hub.files("tuner-test/revs-trial-0", f"step-{step}")
         assert json.loads(files["tuner.json"])["checkpoint_step"] == step
-        local = root / "runs" / "revs" / "trial-0000" / "checkpoints" / f"step-{step:06d}" / "adapter"
+        local = archived(root, trial, step)
         assert files["adapter_model.safetensors"] == (local / "adapter_model.safetensors").read_bytes()
+    # Kept once: in the artifact store, no longer in the COMPLETE trial's run folder.
+    assert not (root / "runs" / "revs" / "trial-0000" / "checkpoints").exists()
     assert TOKEN not in json.dumps(trial.user_attrs)
     assert not hub.state.unhandled
 
@@ -71,8 +83,9 @@ def test_promote_checkpoints_as_tagged_commits_and_predict_each(pushed, hub, tmp
     assert repo.tags == {"trial-0-step-2": commits[2], "trial-0-step-4": commits[4]}
     card = hub.files("tuner-test/chosen", "trial-0-step-2")["README.md"].decode()
     assert "training checkpoint at step 2" in card and "This checkpoint (step 2) was not scored on the test" in card
+    trial = optuna.load_study(study_name="revs", storage=url).trials[0]
     for step in (2, 4):
-        local = root / "runs" / "revs" / "trial-0000" / "checkpoints" / f"step-{step:06d}" / "adapter"
+        local = archived(root, trial, step)
         files = hub.files("tuner-test/chosen", f"trial-0-step-{step}")
         assert files["adapter_model.safetensors"] == (local / "adapter_model.safetensors").read_bytes()
 

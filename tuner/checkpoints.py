@@ -136,3 +136,15 @@ def adapters(root: Path) -> dict[int, Path]:
         if (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file():
             out[int(folder.name.removeprefix(PREFIX))] = adapter
     return out
+
+
+def discard(root: Path) -> int:
+    """Remove a run's checkpoints (every `step-*` folder and `best.safetensors`) once a COMPLETE trial has archived
+    them in the artifact store: a checkpoint is kept once, there. Returns the bytes freed."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    freed = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    shutil.rmtree(root)
+    return freed
+

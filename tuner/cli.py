@@ -120,7 +120,7 @@ def cmd_run(args) -> int:
     from .storage import mask_url
     from .worker import WorkerOptions, run_worker
 
-    cfg = load_config(args.sweep)
+    cfg = load_config(args.sweep, args.set)
     if args.workers and args.workers > 1:
         from .launch import launch_workers
 
@@ -182,7 +182,7 @@ def cmd_data(args) -> int:
     from .config import load_config
     from .datasheet import build, render
 
-    cfg = load_config(args.sweep)
+    cfg = load_config(args.sweep, args.set)
     for line in render(build(cfg), cfg):
         console.print(line, soft_wrap=True, markup=False)
     return 0
@@ -194,17 +194,33 @@ def cmd_status(args) -> int:
 
     storage = open_storage(args.storage)
     study = load_study(storage, args.study)
+    promos = promotions(storage.engine, study.study_name)
+    if args.format != "table":
+        from . import export
+
+        record = export.status(study, promos)
+        _emit(args.format, record, lambda: record["leaderboard"])
+        return 0
     console.print(trials_table(study))
     _print_fits(study)
     _print_verdict(study)
-    promos = promotions(storage.engine, study.study_name)
     for p in promos:
+        # A Hub commit id is shortened as git does; a local folder is shown whole (its "revision" is its path).
+        where = (f" @ {p['revision'][:12]}" if p.get("kind") == "hub" and p.get("revision") else "")
         console.print(f"promoted: trial {p['trial_number']}"
                       + (f" checkpoint {p['checkpoint_step']}" if p.get("checkpoint_step") is not None else "")
-                      + f" -> {p['target']}" + (f" @ {p['revision'][:12]}" if p.get("revision") else "")
+                      + f" -> {p['target']}" + where
                       + (f" tag {p['tag']}" if p.get("tag") else "")
                       + f" ({p['created_at']:%Y-%m-%d %H:%M})", soft_wrap=True)
     return 0
+
+
+def _emit(form: str, record, rows) -> None:
+    """Machine-readable output on stdout, nothing else there: `record` as JSON, or `rows()` as CSV."""
+    from . import export
+
+    sys.stdout.write(export.dumps(record) if form == "json" else export.to_csv(rows()))
+    sys.stdout.flush()
 
 
 def cmd_best(args) -> int:
@@ -217,13 +233,22 @@ def cmd_best(args) -> int:
     best = best_trial(study)
     if best is None:
         raise TunerError(f"study {study.study_name!r} has no COMPLETE trial yet")
+    if args.format != "table":
+        from . import export
+
+        record = export.best(study, best)
+        _emit(args.format, record, lambda: export.best_rows(record))
+        return 0
     console.print(f"[bold]study {study.study_name}: best trial {best.number}[/bold] "
                   f"({study.user_attrs.get('objective', 'mae')} = {fmt.num(best.value, ',.4g')})")
     table = Table(show_header=False)
     table.add_column("key")
     table.add_column("value")
-    for k, v in sorted(best.params.items()):
+    for k, v in sorted(fmt.user_params(best.params).items()):
         table.add_row(f"param {k}", str(v))
+    dur = fmt.trial_duration(best)
+    table.add_row("duration", fmt.secs(dur) + (f" ({dur:.0f} s, start to recorded outcome)" if dur is not None
+                                               else ""))
     for k, v in sorted(best.user_attrs.items()):
         table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
     console.print(table)
@@ -258,6 +283,14 @@ def cmd_report(args) -> int:
     except artifacts.ArtifactError as exc:  # the tables and charts from the database still make a report
         store, problem = None, str(exc)
     rep = build(study, store, problem)
+    if args.format != "table":
+        from . import export
+
+        record = export.report(rep)
+        if args.out:
+            write_html(rep, args.out)  # the files; stdout stays machine-readable
+        _emit(args.format, record, lambda: export.report_rows(record))
+        return 0
     console.print(leaderboard_table(f"study {rep.study}: leaderboard (objective {rep.objective}, {rep.direction})",
                                     rep.leaderboard, rep.baselines))
     imp = rep.importances
@@ -304,7 +337,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import describe, load, read_rows, write_rows
+    from .inference import describe, load, read_rows, write_rows
     from .scoring import price_metrics
 
     if (args.description is None) == (args.file is None):
@@ -337,19 +370,71 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+    from .storage import open_storage
+    from .study import load_study
+
+    study = load_study(open_storage(args.storage), args.study)
+    path = export(study, args.out)
+    console.print(f"wrote {len(study.get_trials(deepcopy=False))} trial(s) of study {study.study_name} to {path}",
+                  soft_wrap=True)
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from .clean import clean
+    from .storage import open_storage
+    from .study import load_study
+
+    study = load_study(open_storage(args.storage), args.study)
+    done = clean(study, args.storage, runs=args.runs, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    console.print(f"run folders of study {study.study_name}: {done.folder} ({done.how})", soft_wrap=True)
+    console.print(f"{verb} {len(done.removed)} run folder(s) of finished trials, {done.freed / 1e6:.1f} MB"
+                  + (f"; kept {len(done.kept)} whose trial is running or waiting for a retry: "
+                     + ", ".join(p.name for p in done.kept) if done.kept else ""), soft_wrap=True)
+    return 0
+
+
+def cmd_init(args) -> int:
+    from .starter import write_starter
+
+    path = write_starter(args.path, gpu=args.gpu, force=args.force)
+    what = "the GPU recipe: Llama 3.1 8B, 4-bit" if args.gpu else "the CPU default: SmolLM2-135M on diamonds"
+    console.print(f"wrote {path} ({what}); run it with `tuner run {path}`", soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .storage import DEFAULT_STORAGE
 
     default_storage = os.environ.get("TUNER_STORAGE", DEFAULT_STORAGE)
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="tuner", description="LoRA/QLoRA sweeps for price prediction")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"tuner {__version__}", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def set_arg(sp):
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a sweep key, e.g. --set search.r=16 --set study.trials=8 (VALUE is YAML; "
+                             "repeatable; validated like the file)")
+
+    def format_arg(sp):
+        sp.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                        help="table for people (default); json or csv on stdout for scripts")
+
+    def study_arg(sp):
+        sp.add_argument("study", nargs="?", help="study name (default: the only study in the storage)")
 
     def storage_arg(sp):
         sp.add_argument("--storage", default=default_storage,
                         help=f"SQLAlchemy URL of the study storage (default {default_storage})")
 
     r = sub.add_parser("run", help="create or resume a study and run trials")
-    r.add_argument("sweep", help="sweep YAML file")
+    r.add_argument("sweep", help="sweep YAML file (`tuner init` writes a starter)")
+    set_arg(r)
     r.add_argument("--trials", type=int, help="global trial budget for the study (all workers together)")
     r.add_argument("--timeout", type=_duration_arg, help="stop starting trials after this long (90s, 30m, 2h)")
     r.add_argument("--study", help="study name (overrides the sweep file)")
@@ -363,15 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
     dt = sub.add_parser("data", help="what a sweep will train on: rows, splits, token lengths and cutting, prices, "
                                      "baseline MAEs (before any training)")
     dt.add_argument("sweep", help="sweep YAML file")
+    set_arg(dt)
     dt.set_defaults(func=cmd_data)
 
     s = sub.add_parser("status", help="trials table with metrics and baselines")
-    s.add_argument("study", nargs="?")
+    study_arg(s)
+    format_arg(s)
     storage_arg(s)
     s.set_defaults(func=cmd_status)
 
     b = sub.add_parser("best", help="the best trial in full")
-    b.add_argument("study", nargs="?")
+    study_arg(b)
+    format_arg(b)
     storage_arg(b)
     b.set_defaults(func=cmd_best)
 
@@ -387,14 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_dashboard)
 
     rp = sub.add_parser("report", help="leaderboard, importances, history and the best trial's chart")
-    rp.add_argument("study", nargs="?")
+    study_arg(rp)
     rp.add_argument("--out", help="write index.html (images embedded) and the PNGs to this folder")
+    format_arg(rp)
     storage_arg(rp)
     artifacts_arg(rp)
     rp.set_defaults(func=cmd_report)
 
     pr = sub.add_parser("promote", help="publish a trial's adapter (with a model card) to the Hub or a folder")
-    pr.add_argument("study", nargs="?")
+    study_arg(pr)
     pr.add_argument("--trial", type=int, help="trial number (default: the best trial)")
     pr.add_argument("--repo", help="Hub repository OWNER/NAME")
     pr.add_argument("--to", help="write the folder here instead of uploading it")
@@ -413,15 +502,41 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
     pd.add_argument("--base", help="base model to load instead of the one the adapter names (same architecture)")
     pd.add_argument("--file", help="CSV file with a text column (and optionally a price column)")
-    pd.add_argument("--text-column", default="text")
-    pd.add_argument("--price-column", default="price")
+    pd.add_argument("--text-column", default="text", help="the --file column with the descriptions (default text)")
+    pd.add_argument("--price-column", default="price",
+                    help="the --file column with true prices, if any (default price): adds MAE, RMSLE and hits")
     pd.add_argument("--out", help="write the predictions to this CSV file")
     pd.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     pd.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="every trial (params, metrics, state, durations) to a .csv or .parquet file")
+    study_arg(ex)
+    ex.add_argument("--out", required=True, help="file to write: trials.csv or trials.parquet")
+    storage_arg(ex)
+    ex.set_defaults(func=cmd_export)
+
+    cl = sub.add_parser("clean", help="remove the run folders (checkpoints, kept adapters) of finished trials on "
+                                      "this machine; the study and its artifact store keep everything")
+    study_arg(cl)
+    cl.add_argument("--runs", help="the runs folder to clean (default: the one the study recorded, else runs/ "
+                                   "beside the SQLite file)")
+    cl.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    storage_arg(cl)
+    cl.set_defaults(func=cmd_clean)
+
+    it = sub.add_parser("init", help="write a starter sweep file with comments")
+    it.add_argument("path", nargs="?", default="sweep.yaml", help="file to write (default sweep.yaml)")
+    it.add_argument("--gpu", action="store_true",
+                    help="the GPU recipe (Llama 3.1 8B, 4-bit NF4, the pricer data) instead of the CPU default")
+    it.add_argument("--force", action="store_true", help="overwrite the file if it exists")
+    it.set_defaults(func=cmd_init)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .quiet import configure_cli
+
+    configure_cli()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

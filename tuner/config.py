@@ -487,7 +487,8 @@ class StudySpec(_Strict):
     objective: Literal["mae", "rmsle", "hit_rate"] = "mae"
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
-    output_dir: str = "runs"
+    # Run folders (checkpoints, W&B offline runs). None: `runs/` beside the SQLite file, or ./runs for a server.
+    output_dir: str | None = None
     # Optuna artifact store (a folder). None: `artifacts/` next to the SQLite file, or ./artifacts for a server.
     artifacts: str | None = None
     # A worker that dies stops sending heartbeats; after `grace_period` seconds its trial is failed and retried.
@@ -666,7 +667,8 @@ def parse_config(data: Any, file: str = "<memory>") -> SweepConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> SweepConfig:
+def load_config(path: str | Path, overrides: "list[str] | tuple[str, ...]" = ()) -> SweepConfig:
+    """The sweep file, with `--set KEY=VALUE` overrides (`tuner.overrides`) applied before validation."""
     path = Path(path)
     file = str(path)
     if not path.is_file():
@@ -678,4 +680,14 @@ def load_config(path: str | Path) -> SweepConfig:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(file, None, f"valid YAML: {problem}{where}") from None
-    return parse_config(data, file)
+    if not overrides:
+        return parse_config(data, file)
+    from . import overrides as ov
+
+    if data is not None and not isinstance(data, dict):
+        return parse_config(data, file)  # the file's own error first
+    data = ov.apply(data or {}, overrides, [k for k in SweepConfig.model_fields if k != "source_file"])
+    try:
+        return parse_config(data, file)
+    except ConfigErrors as exc:
+        raise ConfigErrors(ov.relabel(exc.errors, overrides)) from None

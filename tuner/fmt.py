@@ -48,10 +48,33 @@ def short_model(key: str) -> str:
 
 
 def trial_duration(t: FrozenTrial) -> float | None:
-    """Start to end as the study records it (what optuna-dashboard shows too)."""
+    """A trial's one duration: from its start in the study (when a worker took it) to the moment its outcome was
+    recorded, test scoring and artifacts included. The worker writes it as `duration_s` just before `tell`; the
+    run line, `tuner status`, the report, the export and the card all read it here. A trial that ended without
+    one (failed before it trained) falls back to the study's own start and end, which span it plus the moment
+    `tell` takes to record the end."""
+    if t.user_attrs.get("duration_s") is not None:
+        return float(t.user_attrs["duration_s"])
     if t.datetime_complete and t.datetime_start:
         return (t.datetime_complete - t.datetime_start).total_seconds()
     return None
+
+
+def user_params(params: dict) -> dict:
+    """A trial's sampled parameters as a user writes them: the rank is sampled as its exponent `r_exp` (so that the
+    sampler keeps 8 < 16 < 32) but is `r` everywhere a user reads it."""
+    out = {}
+    for k, v in params.items():
+        if k == "r_exp":
+            out["r"] = 2 ** int(v)
+        else:
+            out[k] = v
+    return out
+
+
+def param_name(name: str) -> str:
+    """`r_exp` -> `r`; every other parameter keeps its name."""
+    return "r" if name == "r_exp" else name
 
 
 def trial_note(t: FrozenTrial) -> str:

@@ -31,6 +31,8 @@ def worker_command(args, index: int) -> list[str]:
             cmd += [flag, str(value)]
     if args.force:
         cmd.append("--force")
+    for item in getattr(args, "set", None) or []:  # every worker reads the same overridden sweep
+        cmd += ["--set", item]
     return cmd
 
 

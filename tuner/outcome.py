@@ -42,6 +42,7 @@ class TrialContext:
     store_dir: Path  # the artifact store
     reporter: Reporter
     device: str
+    runs_root: Path  # the study's run folders' parent (`places.runs_root`); W&B writes its runs under it
     hub_token: str | None = None
 
     @property
@@ -61,7 +62,7 @@ class TrialOutcome:
         self.tracker = TrialTracker(ctx.cfg.tracking.wandb, study=ctx.study_name, trial_number=trial.number,
                                     config={**params.to_dict(), "study": ctx.study_name, "trial": trial.number,
                                             "retry_of": retry_of},
-                                    root=Path(ctx.cfg.study.output_dir))
+                                    root=ctx.runs_root)
         trial.set_user_attr("wandb_run_id", self.tracker.info.run_id)
         trial.set_user_attr("wandb_mode", self.tracker.info.mode)
         self._started = False
@@ -128,7 +129,7 @@ class TrialOutcome:
     def finalize(self, run: TrialRun) -> None:
         """Record the run's end on the trial, whatever it was; a trial whose outcome cannot be written in full is
         not COMPLETE."""
-        attrs = {**run.stats(), "duration_s": time.time() - self.t0, **memory_attrs(self.ctx.device)}
+        attrs = {**run.stats(), **memory_attrs(self.ctx.device)}
         attrs["loss_first"] = run.history[0]["loss"] if run.history else None
         attrs["loss_last"] = run.history[-1]["loss"] if run.history else None
         if run.resumed_from_step:
@@ -170,7 +171,17 @@ class TrialOutcome:
         attrs.update({k: v for k, v in self.tracker.finish().to_attrs().items() if v is not None})
         self._set_attrs(attrs)
         tell(ctx.study, self.trial, metrics[ctx.cfg.study.objective])
+        self._discard_checkpoints(run)
         return "COMPLETE"
+
+    def _discard_checkpoints(self, run: TrialRun) -> None:
+        """A COMPLETE trial's checkpoints are in the artifact store now (`save_checkpoints_artifact`), and nothing
+        resumes from them: the run folder's copies go, so that each is kept once. The kept adapter stays
+        (`adapter_path`); `tuner clean` removes whole run folders."""
+        try:
+            checkpoints.discard(run.checkpoint_root)
+        except OSError as exc:  # the trial is told already; a folder left behind is worth a line, not a failure
+            self.ctx.reporter.message(f"trial {self.trial.number}: could not remove {run.checkpoint_root}: {exc}")
 
     def _pruned(self, run: TrialRun, attrs: dict) -> str:
         attrs["pruned_at_step"] = run.step
@@ -199,9 +210,20 @@ class TrialOutcome:
         return "FAIL"
 
     def _set_attrs(self, attrs: dict) -> None:
+        """Written just before `tell`: `duration_s` is measured here, so that it covers test scoring and artifacts
+        and is the one duration the run line, `tuner status`, the report and the card show (`fmt.trial_duration`)."""
         for k, v in attrs.items():
-            if v is not None:
+            if v is not None and k != "duration_s":
                 self.trial.set_user_attr(k, v)
+        attrs["duration_s"] = self.duration()  # last, so that only `tell` itself falls outside it
+        self.trial.set_user_attr("duration_s", attrs["duration_s"])
+
+    def duration(self) -> float:
+        """Seconds since the trial's start in the study (`datetime_start`, local time as Optuna records it)."""
+        import datetime as dt
+
+        started = self.trial.datetime_start
+        return (dt.datetime.now() - started).total_seconds() if started else time.time() - self.t0
 
     def _adapter_info(self) -> artifacts.AdapterInfo:
         return artifacts.adapter_info(self.ctx.cfg, self.ctx.splits, self.params, self.base, self.ctx.study_name,

