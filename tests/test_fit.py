@@ -199,3 +199,7 @@ def test_tuner_data_says_what_a_study_will_train_on(tmp_path):
     bars = [line for line in out.splitlines() if re.fullmatch(r"\s+\$[\d,]+ -\s+\$[\d,]+\s+#*\s+\d+", line)]
     assert "prices: min $" in out and len(bars) == 8  # the histogram's bins
     assert "test MAE of the baselines: constant train median $" in out and "classical (TF-IDF + ridge) $" in out
+    # A budget that takes most of most descriptions away is said loudly here too, before any training.
+    sweep.write_text(sweep.read_text().replace("max_length: 100", "max_length: 50"))
+    res = tuner(["data", str(sweep)], tmp_path)
+    assert res.returncode == 0 and "WARNING: " in res.stdout and "most descriptions lose more than 25%" in res.stdout

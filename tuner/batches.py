@@ -152,6 +152,13 @@ class Fit:
                 f"{removed[len(removed) // 2]} tokens, largest {removed[-1]}; {self.heavily_cut} lost more than "
                 f"{self.warn_fraction:.0%} of their description")
 
+    def warning(self) -> str | None:
+        """The loud line, where most descriptions lose much of themselves; None otherwise."""
+        if not self.loud:
+            return None
+        return (f"{self.line()}: most descriptions lose more than {self.warn_fraction:.0%} of their text; raise "
+                f"train.max_length (or max_length_cap with auto) to keep more of it")
+
     def summary(self) -> dict:
         removed = sorted(c.removed for c in self.cuts)
         return {"max_length": self.max_length, "rows": self.rows, "cut": len(self.cuts),

@@ -43,7 +43,8 @@ def build(cfg: SweepConfig) -> Datasheet:
         sheet.lengths[model] = {"p5": int(np.percentile(lengths, 5)), "p50": int(np.percentile(lengths, 50)),
                                 "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max()),
                                 "auto": ready.auto_lengths.get(model),
-                                "fits": [ready.fits[(model, b)][1].line() for b in budgets]}
+                                "fits": [f"WARNING: {fit.warning()}" if fit.loud else fit.line()
+                                         for fit in (ready.fits[(model, b)][1] for b in budgets)]}
     truths = [e.price for e in s.test]
     sheet.median_mae = constant_baseline(s.train_median, truths)["mae"]
     c = classical(s.train, s.val, s.test)

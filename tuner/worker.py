@@ -148,8 +148,7 @@ class Worker:
         for (model, budget), (_, fit) in self.ready.fits.items():
             name = "" if self.cfg.model.is_fixed else f"{model}: "
             if fit.loud:
-                self.reporter.warning(f"{name}{fit.line()}: most descriptions lose more than {fit.warn_fraction:.0%} "
-                                      f"of their text; raise train.max_length (or use auto) to keep more of it")
+                self.reporter.warning(f"{name}{fit.warning()}")
             else:
                 self.reporter.message(f"{name}{fit.line()}")
 
