@@ -116,11 +116,12 @@ def trials_table(study, title: str | None = None) -> Table:
 
 
 def cmd_run(args) -> int:
-    from .config import load_config
+    from .config import check_study_name, load_config
     from .storage import mask_url
     from .worker import WorkerOptions, run_worker
 
     cfg = load_config(args.sweep)
+    check_study_name(args.study)
     if args.workers and args.workers > 1:
         from .launch import launch_workers
 
@@ -131,7 +132,7 @@ def cmd_run(args) -> int:
             console.print(f"(no leaderboard: {exc})")
         return code
     opts = WorkerOptions(storage_url=args.storage, study_name=args.study, trials=args.trials, timeout=args.timeout,
-                         device=args.device, force=args.force)
+                         device=args.device, force=args.force, artifacts=args.artifacts)
     name = args.study or cfg.study.name
     console.print(f"study [bold]{name}[/bold] in {mask_url(args.storage)}; budget "
                   f"{args.trials or cfg.study.trials} trials; sweep {args.sweep}")
@@ -236,8 +237,8 @@ def cmd_dashboard(args) -> int:
 
     storage = open_storage(args.storage)
     board = create(storage, args.storage, host=args.host, port=args.port, artifacts_dir=args.artifacts)
-    console.print(f"optuna-dashboard for {mask_url(args.storage)} ({len(board.studies)} studies), artifacts in "
-                  f"{board.artifact_dir}")
+    console.print(f"optuna-dashboard for {mask_url(args.storage)} ({len(board.studies)} studies)")
+    console.print(board.store_note, soft_wrap=True, markup=False)
     console.print(f"open {board.url}  (Ctrl-C to stop)", soft_wrap=True)
     sys.stdout.flush()
     board.serve()
@@ -253,6 +254,7 @@ def cmd_report(args) -> int:
 
     study = load_study(open_storage(args.storage), args.study)
     store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
+    console.print(artifacts.store_note([study], store_dir), soft_wrap=True, markup=False)
     try:
         store, problem = artifacts.open_store(store_dir, create=False), ""
     except artifacts.ArtifactError as exc:  # the tables and charts from the database still make a report
@@ -289,6 +291,7 @@ def cmd_promote(args) -> int:
     storage = open_storage(args.storage)
     study = load_study(storage, args.study)
     store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
+    console.print(artifacts.store_note([study], store_dir), soft_wrap=True, markup=False)
     trial, pub = promote(storage, study, trial_number=args.trial, store_dir=store_dir, repo=args.repo, to=args.to,
                          public=args.public, message=args.revision_message, checkpoint=args.checkpoint)
     what = f"trial {trial.number}" + (f" (checkpoint at step {args.checkpoint})" if args.checkpoint is not None else "")
@@ -338,7 +341,7 @@ def cmd_predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .storage import DEFAULT_STORAGE
+    from .storage import DEFAULT_STORAGE, mask_url
 
     default_storage = os.environ.get("TUNER_STORAGE", DEFAULT_STORAGE)
     p = argparse.ArgumentParser(prog="tuner", description="LoRA/QLoRA sweeps for price prediction")
@@ -346,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def storage_arg(sp):
         sp.add_argument("--storage", default=default_storage,
-                        help=f"SQLAlchemy URL of the study storage (default {default_storage})")
+                        help=f"SQLAlchemy URL of the study storage (default: $TUNER_STORAGE, else {DEFAULT_STORAGE}; "
+                             f"now {mask_url(default_storage)})")
 
     r = sub.add_parser("run", help="create or resume a study and run trials")
     r.add_argument("sweep", help="sweep YAML file")
@@ -357,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="run even if the study's search space differs")
     r.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     r.add_argument("--gpus", help="comma-separated GPU ids; workers are pinned round-robin")
+    r.add_argument("--artifacts", help="artifact store folder (default: the sweep's study.artifacts, else "
+                                       "artifacts/ next to the SQLite file, ./artifacts for a database server)")
     storage_arg(r)
     r.set_defaults(func=cmd_run)
 
@@ -376,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_best)
 
     def artifacts_arg(sp):
-        sp.add_argument("--artifacts", help="artifact store folder (default: the one the study recorded, else "
-                                            "artifacts/ next to the SQLite file)")
+        sp.add_argument("--artifacts", help="artifact store folder (default: artifacts/ next to the SQLite file, "
+                                            "./artifacts for a database server; a path recorded in the database "
+                                            "is never used)")
 
     d = sub.add_parser("dashboard", help="optuna-dashboard on the storage, with the trials' artifacts")
     d.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")

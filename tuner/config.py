@@ -479,6 +479,27 @@ def _duration(raw: Any) -> float | None:
     raise ValueError(f"expected a duration such as 90, '90s', '30m' or '2h', got {raw!r}")
 
 
+# A study name is a folder under output_dir and a key in the database (Optuna's column holds 512 characters; a
+# folder name 255 bytes): one plain path component, short enough for both.
+STUDY_NAME_MAX = 200
+
+
+def study_name_problem(name: object) -> str | None:
+    """What is wrong with a study name, or None. A name that is not one plain path component would put run folders
+    outside output_dir (`../x`, `a/b`, an absolute path)."""
+    if not isinstance(name, str) or not name.strip():
+        return "a non-empty study name"
+    if len(name) > STUDY_NAME_MAX or len(name.encode("utf-8", "surrogatepass")) > 255:
+        return (f"a study name of at most {STUDY_NAME_MAX} characters and 255 bytes (it names a folder and a "
+                f"database row)")
+    if name in (".", "..") or any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return ("a study name that is one plain folder name (no '/', '\\', control characters, '.' or '..'), "
+                "so that its run folders stay inside output_dir")
+    if name != name.strip():
+        return "a study name without leading or trailing spaces"
+    return None
+
+
 class StudySpec(_Strict):
     name: str = "default"
     trials: int = Field(default=4, ge=1)
@@ -493,6 +514,14 @@ class StudySpec(_Strict):
     heartbeat_interval: int = Field(default=30, ge=1)
     grace_period: int = Field(default=120, ge=2)
     max_retries: int = Field(default=3, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        problem = study_name_problem(v)
+        if problem:
+            raise ValueError(f"expected {problem}, got {v[:80]!r}" + ("..." if len(v) > 80 else ""))
+        return v
 
     @property
     def direction(self) -> str:
@@ -663,6 +692,14 @@ def parse_config(data: Any, file: str = "<memory>") -> SweepConfig:
     if problems:
         raise ConfigErrors(problems)
     return cfg
+
+
+def check_study_name(name: str | None, where: str = "--study") -> None:
+    """A study name given outside the sweep file (--study, the Python API), held to the sweep file's rule."""
+    problem = None if name is None else study_name_problem(name)
+    if problem:
+        shown = name[:80] + ("..." if len(name) > 80 else "") if isinstance(name, str) else name
+        raise ConfigError(where, None, problem, shown, has_got=True)
 
 
 def load_config(path: str | Path) -> SweepConfig:

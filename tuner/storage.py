@@ -45,8 +45,46 @@ promotions_table = sa.Table(
 )
 
 
+NOT_A_URL = "(the value given is not a URL, so it is not shown: it may hold a password)"
+# Query parameters that carry a secret in the drivers' URLs (?password=, ?sslpassword=, ?token=, ?api_key= ...).
+_SECRET_QUERY = re.compile(r"([?&;][^=&;#]*(?:pass|secret|token|key)[^=&;#]*=)[^&;#]*", re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    """The URL as it may be shown: every password replaced by ***. The password is everything between the user's
+    ':' and the authority's last '@' (an unencoded '@' in a password is still the password's, and the user may be
+    empty), and every secret-like query parameter. A string that is not a URL is not shown at all."""
+    if not isinstance(url, str) or "://" not in url:
+        return NOT_A_URL
+    scheme, _, rest = url.partition("://")
+    if "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if colon and "/" not in user:
+            rest = f"{user}:***@{host}"
+    return _SECRET_QUERY.sub(r"\1***", f"{scheme}://{rest}")
+
+
+def _scrub(text: str, url: str) -> str:
+    """A driver's message with the URL's password taken out, should the driver have quoted it."""
+    try:
+        password = sa.engine.make_url(url).password
+    except Exception:
+        password = None
+    if password:
+        text = text.replace(str(password), "***")
+    return text.replace(url, mask_url(url))
+
+
+def parse_url(url: str) -> sa.engine.URL:
+    """The parsed URL, or a StorageError that shows it masked (or not at all, when it is not a URL)."""
+    try:
+        return sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise StorageError(f"storage {mask_url(url)}: not a database URL (examples: sqlite:///studies.db, "
+                           f"postgresql://user@host/db)") from None
+    except ValueError:  # sqlalchemy reads the port as an int
+        raise StorageError(f"storage {mask_url(url)}: not a valid database URL (the port must be a number)") from None
 
 
 def worker_id() -> str:
@@ -77,11 +115,7 @@ def check_url(url: str) -> None:
     """Before anything else is done: a URL that cannot be parsed, or a database server that cannot be reached, is
     refused. Nothing is created (a SQLite file is only made when the storage is opened, after the data and models
     are known to be good)."""
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
-        raise StorageError(f"storage {mask_url(url)!r}: not a database URL (examples: sqlite:///studies.db, "
-                           f"postgresql://user@host/db)") from None
+    parsed = parse_url(url)
     if parsed.drivername.startswith("sqlite"):
         return
     try:
@@ -90,7 +124,7 @@ def check_url(url: str) -> None:
             pass
         engine.dispose()
     except Exception as exc:  # drivers raise their own types; all mean the same thing to a user
-        reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300]
+        reason = _scrub(str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300], url)
         raise StorageError(f"cannot open storage {mask_url(url)}: {type(exc).__name__}: {reason}") from None
 
 
@@ -99,11 +133,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
     """An `optuna.storages.RDBStorage`, or a clear StorageError naming the URL (password masked) and the cause."""
     import optuna
 
-    try:
-        sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
-        raise StorageError(f"storage {url!r}: not a database URL (examples: sqlite:///studies.db, "
-                           f"postgresql://user@host/db)") from None
+    parse_url(url)
     try:
         if url.startswith("sqlite"):
             _prepare_sqlite(url)
@@ -114,7 +144,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
     except StorageError:
         raise
     except Exception as exc:  # drivers raise their own types; all mean the same thing to a user
-        reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300]
+        reason = _scrub(str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300], url)
         raise StorageError(f"cannot open storage {mask_url(url)}: {type(exc).__name__}: {reason}") from None
     return storage
 

@@ -27,7 +27,7 @@ from . import artifacts, models
 from . import storage as store
 from .baselines import ensure_base_model, ensure_classical, ensure_median, record_fits
 from .batches import encode
-from .config import SweepConfig
+from .config import SweepConfig, check_study_name
 from .errors import TunerError
 from .loop import NO_FAULTS, Faults, train_group
 from .outcome import TrialContext, TrialOutcome
@@ -47,6 +47,7 @@ class WorkerOptions:
     device: str | None = None
     force: bool = False
     wait_for_others: bool = True
+    artifacts: str | None = None  # the artifact store folder; None: the sweep's study.artifacts, else the default
     faults: Faults = NO_FAULTS  # tests only: faults the training loop injects into itself
 
 
@@ -107,6 +108,7 @@ class Worker:
         """Data, models and token budgets are checked before the storage is opened: bad input leaves no study
         behind (one made with a wrong data path would refuse the corrected run as another search)."""
         cfg = self.cfg
+        check_study_name(self.opts.study_name)
         if os.environ.get("TUNER_TORCH_THREADS"):  # set by --workers: this process's share of the cores
             import torch
 
@@ -124,7 +126,7 @@ class Worker:
                                 seed_offset=_seed_offset(busy))
         self.device = models.pick_device(self.opts.device)
         self.out_root = Path(cfg.study.output_dir) / self.study_name
-        self.store_dir = artifacts.location(self.opts.storage_url, cfg.study.artifacts)
+        self.store_dir = artifacts.location(self.opts.storage_url, self.opts.artifacts or cfg.study.artifacts)
         self.hub_token: str | None = None
         if cfg.tracking.hub.push_checkpoints:
             from huggingface_hub import get_token
