@@ -213,3 +213,71 @@ def test_a_copied_study_folder_works_as_it_is_from_another_directory(swept, tmp_
     res = tuner(["promote", "shared", "--to", str(tmp_path / "promoted"), "--storage", url], elsewhere)
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "promoted" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The database password never shows
+
+
+PASSWORD = "S3cretPW-9d8c7b"
+
+
+@pytest.mark.parametrize("url, shown", [
+    (f"postgresql://tuner:{PASSWORD}@db.example:5432/studies", "postgresql://tuner:***@db.example:5432/studies"),
+    (f"postgresql://:{PASSWORD}@db.example/studies", "postgresql://:***@db.example/studies"),
+    (f"postgresql://tuner:p@{PASSWORD}@db.example/studies", "postgresql://tuner:***@db.example/studies"),
+    (f"postgresql://tuner@db.example/studies?password={PASSWORD}&sslmode=require",
+     "postgresql://tuner@db.example/studies?password=***&sslmode=require"),
+    (f"postgresql://tuner@db.example/studies?sslmode=require&sslpassword={PASSWORD}",
+     "postgresql://tuner@db.example/studies?sslmode=require&sslpassword=***"),
+    (f"mysql+pymysql://tuner:{PASSWORD}@db.example/studies?charset=utf8mb4",
+     "mysql+pymysql://tuner:***@db.example/studies?charset=utf8mb4"),
+    (f"tuner:{PASSWORD}@db.example/studies", "(the value given is not a URL"),
+    ("sqlite:///studies.db", "sqlite:///studies.db"),
+])
+def test_mask_url_hides_the_password_in_every_form(url, shown):
+    from tuner.storage import mask_url
+
+    assert PASSWORD not in mask_url(url) and mask_url(url).startswith(shown)
+
+
+@pytest.mark.parametrize("url, needle", [
+    (f"postgresql://tuner:{PASSWORD}@127.0.0.1:1/studies", "cannot open storage postgresql://tuner:***@127.0.0.1:1"),
+    (f"postgresql://:{PASSWORD}@127.0.0.1:1/studies", "cannot open storage postgresql://:***@127.0.0.1:1"),
+    (f"postgresql://tuner:p@{PASSWORD}@127.0.0.1:1/studies", "holds an '@'; write it as %40"),
+    (f"postgresql://tuner@127.0.0.1:1/studies?password={PASSWORD}", "password=***"),
+    (f"postgresql://tuner:{PASSWORD}@127.0.0.1:notaport/studies", "the port must be a number"),
+    (f"tuner:{PASSWORD}@127.0.0.1/studies", "not a database URL"),
+])
+def test_storage_errors_show_no_password_and_no_traceback(tmp_path, url, needle):
+    """Before: the empty user, the '@' and ?password= forms were shown whole, a string that is not a URL was echoed,
+    and a port that is not a number was a ValueError traceback."""
+    for args in (["status", "s", "--storage", url], ["report", "s", "--storage", url]):
+        res = tuner(args, tmp_path, timeout=120)
+        line = _one_line_error(res, needle)
+        assert PASSWORD not in res.stdout + res.stderr, line
+    sweep = tiny_sweep(tmp_path, trials=1)
+    res = tuner(["run", str(sweep), "--storage", url], tmp_path, timeout=300)
+    _one_line_error(res, needle)
+    assert PASSWORD not in res.stdout + res.stderr
+
+
+def test_help_does_not_print_the_password_from_tuner_storage(tmp_path):
+    """Before: `TUNER_STORAGE='postgresql://tuner:S3cretPW@…' tuner run --help` printed it as the default."""
+    for command in ("run", "status", "report", "dashboard", "promote", "best"):
+        res = tuner([command, "--help"], tmp_path, env={"TUNER_STORAGE": f"postgresql://tuner:{PASSWORD}@db/x"})
+        assert res.returncode == 0 and PASSWORD not in res.stdout + res.stderr, res.stdout
+        assert "postgresql://tuner:***@db/x" in " ".join(res.stdout.split())
+
+
+def test_workers_get_the_storage_url_in_their_environment_not_argv():
+    """Before: `--workers N` put the URL on each child's command line, where `ps` shows it to every user."""
+    import argparse
+
+    from tuner.launch import worker_command, worker_env
+
+    url = f"postgresql://tuner:{PASSWORD}@db/x"
+    args = argparse.Namespace(sweep="s.yaml", storage=url, trials=3, timeout=None, study=None, device=None,
+                              force=False, artifacts=None)
+    assert not any(PASSWORD in part for part in worker_command(args, 0))
+    assert worker_env(0, 2, None, url)["TUNER_STORAGE"] == url

@@ -434,8 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TunerError as exc:
-        for line in str(exc).splitlines():
-            err_console.print(f"[red]error:[/red] {line}", soft_wrap=True)
+        from rich.markup import escape
+
+        for line in str(exc).splitlines():  # escaped: a message quotes user input, which may look like markup
+            err_console.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("[yellow]stopped at once; the storage is consistent (trials handed back for retry)[/]")

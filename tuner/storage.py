@@ -65,26 +65,48 @@ def mask_url(url: str) -> str:
     return _SECRET_QUERY.sub(r"\1***", f"{scheme}://{rest}")
 
 
+def _secrets(url: str) -> list[str]:
+    """The pieces of `url` that mask_url hides: the password (and each '@'-separated part of it, which a driver may
+    quote as part of a host name) and secret query values. Parts shorter than 4 characters are not scrubbed from
+    messages (they would mangle them); mask_url hides them all the same."""
+    if not isinstance(url, str) or "://" not in url:
+        return [url] if isinstance(url, str) and url else []
+    rest = url.partition("://")[2]
+    found = [m.group(0).partition("=")[2] for m in _SECRET_QUERY.finditer(rest)]
+    if "@" in rest:
+        userinfo = rest.rpartition("@")[0]
+        user, colon, password = userinfo.partition(":")
+        if colon and "/" not in user and password:
+            found += [password, *password.split("@")]
+    return sorted({f for f in found if len(f) >= 4}, key=len, reverse=True)
+
+
 def _scrub(text: str, url: str) -> str:
-    """A driver's message with the URL's password taken out, should the driver have quoted it."""
-    try:
-        password = sa.engine.make_url(url).password
-    except Exception:
-        password = None
-    if password:
-        text = text.replace(str(password), "***")
-    return text.replace(url, mask_url(url))
+    """A driver's message with the URL's secrets taken out, should the driver have quoted them."""
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 def parse_url(url: str) -> sa.engine.URL:
     """The parsed URL, or a StorageError that shows it masked (or not at all, when it is not a URL)."""
     try:
+        if isinstance(url, str) and "://" in url:
+            _check_userinfo(url)
         return sa.engine.make_url(url)
     except sa.exc.ArgumentError:
         raise StorageError(f"storage {mask_url(url)}: not a database URL (examples: sqlite:///studies.db, "
                            f"postgresql://user@host/db)") from None
     except ValueError:  # sqlalchemy reads the port as an int
         raise StorageError(f"storage {mask_url(url)}: not a valid database URL (the port must be a number)") from None
+
+
+def _check_userinfo(url: str) -> None:
+    """An unencoded '@' in the password makes the driver read part of the password as the host (and quote it in
+    its error): refused, saying how to write it."""
+    authority = url.partition("://")[2].split("/", 1)[0]
+    if authority.count("@") > 1:
+        raise StorageError(f"storage {mask_url(url)}: the user or password holds an '@'; write it as %40")
 
 
 def worker_id() -> str:
