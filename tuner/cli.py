@@ -23,6 +23,20 @@ console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty(
 err_console = Console(stderr=True, highlight=False, emoji=False, width=None if sys.stderr.isatty() else 160)
 
 
+def _int_between(lo: int, hi: int):
+    """An argparse type: an integer from lo to hi, or a one-line usage error that says so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {value}")
+        return value
+
+    return parse
+
+
 def _duration_arg(text: str) -> float:
     from .config import _duration
 
@@ -341,6 +355,7 @@ def cmd_predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import MAX_TRIALS
     from .storage import DEFAULT_STORAGE, mask_url
 
     default_storage = os.environ.get("TUNER_STORAGE", DEFAULT_STORAGE)
@@ -354,12 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="create or resume a study and run trials")
     r.add_argument("sweep", help="sweep YAML file")
-    r.add_argument("--trials", type=int, help="global trial budget for the study (all workers together)")
+    r.add_argument("--trials", type=_int_between(1, MAX_TRIALS),
+                   help="global trial budget for the study (all workers together)")
     r.add_argument("--timeout", type=_duration_arg, help="stop starting trials after this long (90s, 30m, 2h)")
     r.add_argument("--study", help="study name (overrides the sweep file)")
     r.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     r.add_argument("--force", action="store_true", help="run even if the study's search space differs")
-    r.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    r.add_argument("--workers", type=_int_between(1, 256), default=1, help="worker processes on this machine")
     r.add_argument("--gpus", help="comma-separated GPU ids; workers are pinned round-robin")
     r.add_argument("--artifacts", help="artifact store folder (default: the sweep's study.artifacts, else "
                                        "artifacts/ next to the SQLite file, ./artifacts for a database server)")
@@ -387,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "is never used)")
 
     d = sub.add_parser("dashboard", help="optuna-dashboard on the storage, with the trials' artifacts")
-    d.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    d.add_argument("--port", type=_int_between(0, 65535), default=8080,
+                   help="port (default 8080; 0 picks a free one)")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     storage_arg(d)
     artifacts_arg(d)

@@ -133,12 +133,32 @@ def engine_kwargs(url: str) -> dict:
     return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4}
 
 
+def _check_sqlite_writable(path: str | None) -> None:
+    """A worker writes its SQLite file: one it cannot write (read-only file, folder or mount) is refused now, by
+    taking the write lock once, rather than failing later with SQLite's misleading messages."""
+    if not path or path == ":memory:" or not Path(path).exists():
+        return
+    try:
+        con = sqlite3.connect(f"file:{Path(path).resolve()}?mode=rw", uri=True, timeout=30)
+        try:  # a write inside a transaction that is rolled back: SQLite opens a protected file read-only silently
+            con.isolation_level = None
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("CREATE TABLE tuner_write_probe (x INTEGER)")
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise StorageError(f"storage {path}: cannot write this SQLite file ({exc}); `tuner run` needs to write "
+                           f"it (check its and its folder's permissions)") from None
+
+
 def check_url(url: str) -> None:
     """Before anything else is done: a URL that cannot be parsed, or a database server that cannot be reached, is
     refused. Nothing is created (a SQLite file is only made when the storage is opened, after the data and models
     are known to be good)."""
     parsed = parse_url(url)
     if parsed.drivername.startswith("sqlite"):
+        _check_sqlite_writable(parsed.database)
         return
     try:
         engine = sa.create_engine(url, **engine_kwargs(url))

@@ -27,7 +27,7 @@ from . import artifacts, models
 from . import storage as store
 from .baselines import ensure_base_model, ensure_classical, ensure_median, record_fits
 from .batches import encode
-from .config import SweepConfig, check_study_name
+from .config import MAX_TRIALS, SweepConfig, check_study_name
 from .errors import TunerError
 from .loop import NO_FAULTS, Faults, train_group
 from .outcome import TrialContext, TrialOutcome
@@ -94,7 +94,7 @@ class Worker:
         self.cfg, self.opts = cfg, opts
         self.reporter = reporter or NullReporter()
         self.study_name = opts.study_name or cfg.study.name
-        self.budget = opts.trials or cfg.study.trials
+        self.budget = cfg.study.trials if opts.trials is None else opts.trials
         self.stopper = Stopper(self.reporter)
         self.bases = BaseCache(capacity=1, cpu_bf16=cfg.train.cpu_bf16)
         self._encoded: dict[tuple, tuple] = {}
@@ -109,6 +109,8 @@ class Worker:
         behind (one made with a wrong data path would refuse the corrected run as another search)."""
         cfg = self.cfg
         check_study_name(self.opts.study_name)
+        if self.opts.trials is not None and not 1 <= self.opts.trials <= MAX_TRIALS:  # 0 must not mean "the file's"
+            raise TunerError(f"trials: expected an integer from 1 to {MAX_TRIALS}, got {self.opts.trials}")
         if os.environ.get("TUNER_TORCH_THREADS"):  # set by --workers: this process's share of the cores
             import torch
 
