@@ -2,10 +2,14 @@
 and a truth-vs-prediction scatter chart (PNG). optuna-dashboard shows them in its trial view; `tuner report`,
 `tuner promote` and `tuner predict` read them back.
 
-The store is a folder (Optuna's `FileSystemArtifactStore`): `study.artifacts` in the sweep file, else `artifacts/`
-next to the SQLite file, else `./artifacts` for a database server. Where a study's artifacts went is recorded on the
-study (user attribute `artifact_store`), so that commands without the sweep file find them. A trial records its
-artifacts' ids as user attributes (`adapter_artifact_id`, ...), the values a user looks up in the dashboard.
+The store is a folder (Optuna's `FileSystemArtifactStore`): `--artifacts DIR` or `study.artifacts` in the sweep
+file, else `artifacts/` next to the SQLite file, else `./artifacts` for a database server. A reader (`report`,
+`promote`, `dashboard`) uses `--artifacts DIR` or that default, never a path read from the database: anyone who can
+write the database could otherwise point a reader at any folder. Where a worker wrote is still recorded on the study
+(user attribute `artifact_store`) as a hint, which a reader only mentions when it differs. A study folder copied
+elsewhere (studies.db and artifacts/ beside it) therefore works as it is. A trial records its artifacts' ids as user
+attributes (`adapter_artifact_id`, ...), the values a user looks up in the dashboard; an id is a plain file name
+inside the store (Optuna's uuids), anything else is refused.
 
 An adapter folder carries `tuner.json` beside peft's files: what the adapter was trained on and how it is prompted
 and scored (base model and revision, quantization, prompt, price range, hyperparameters), so that it can be used
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -49,9 +55,9 @@ class ArtifactError(TunerError):
 
 
 def default_location(storage_url: str) -> Path:
-    import sqlalchemy as sa
+    from .storage import parse_url
 
-    url = sa.engine.make_url(storage_url)
+    url = parse_url(storage_url)
     if url.drivername.startswith("sqlite") and url.database and url.database != ":memory:":
         return Path(url.database).expanduser().resolve().parent / "artifacts"
     return Path("artifacts").resolve()
@@ -63,24 +69,61 @@ def location(storage_url: str, configured: str | None = None) -> Path:
 
 def location_for_studies(studies: Sequence[optuna.Study | optuna.study.StudySummary], storage_url: str,
                          override: str | None = None) -> Path:
-    """The store to read: `override`, else the one the studies recorded, else the default for the storage."""
+    """The store a reader uses: `override` (--artifacts), else the default beside the database. What the studies
+    recorded is not used (see the module's docstring); `recorded_elsewhere` says when it differs."""
     if override:
         return Path(override).expanduser().resolve()
-    recorded = sorted({s.user_attrs[STORE_ATTR] for s in studies if s.user_attrs.get(STORE_ATTR)})
-    if len(recorded) > 1:
-        raise ArtifactError(f"the studies keep their artifacts in {len(recorded)} folders ({', '.join(recorded)}); "
-                            f"choose one with --artifacts DIR")
-    return Path(recorded[0]) if recorded else default_location(storage_url)
+    return default_location(storage_url)
 
 
-def open_store(path: Path, create: bool = True) -> optuna.artifacts.FileSystemArtifactStore:
+def recorded_elsewhere(studies: Sequence[optuna.Study | optuna.study.StudySummary], used: Path) -> list[str]:
+    """The stores the studies say their worker wrote to, where they are not `used`: for a note, never for a read."""
+    recorded = {str(s.user_attrs.get(STORE_ATTR)) for s in studies if s.user_attrs.get(STORE_ATTR)}
+    return sorted(r for r in recorded if Path(r).expanduser().resolve() != Path(used).resolve())
+
+
+def store_note(studies, used: Path) -> str:
+    """One line for a reader: which store it reads, and where the worker said it wrote when that is elsewhere."""
+    other = recorded_elsewhere(studies, used)
+    line = f"artifacts: {used}"
+    if other:
+        line += (f" (the study records {', '.join(other)} as where its worker wrote; that path is not trusted: "
+                 f"pass --artifacts DIR to read it)")
+    return line
+
+
+# Optuna names artifacts by uuid4; an id is one plain file name inside the store, nothing that could leave it.
+_ARTIFACT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class ConfinedStore(optuna.artifacts.FileSystemArtifactStore):
+    """Optuna's file-system store that refuses, with an ArtifactError, an id that is not a plain file name or a
+    file that resolves (through a link) outside the store. Ids come from the database, which is input too."""
+
+    def _get_filepath(self, artifact_id: str) -> Path:
+        check_artifact_id(artifact_id)
+        path = Path(self._base_path) / artifact_id
+        base = os.path.realpath(self._base_path)
+        if os.path.commonpath([base, os.path.realpath(path)]) != base:
+            raise ArtifactError(f"artifact {artifact_id}: resolves outside the artifact store {self._base_path}")
+        return path
+
+
+def check_artifact_id(artifact_id: object) -> str:
+    if not isinstance(artifact_id, str) or not _ARTIFACT_ID.fullmatch(artifact_id) or ".." in artifact_id:
+        raise ArtifactError(f"artifact id {str(artifact_id)[:80]!r} is not a valid artifact id (a plain file name "
+                            f"in the store, as Optuna's uuids are)")
+    return artifact_id
+
+
+def open_store(path: Path, create: bool = True) -> ConfinedStore:
     """The store at `path`; a reader (`create=False`) is told when the folder is not there instead of making it."""
     path = Path(path)
     if create:
         path.mkdir(parents=True, exist_ok=True)
     elif not path.is_dir():
         raise ArtifactError(f"artifact store {path} does not exist (--artifacts DIR names another)")
-    return optuna.artifacts.FileSystemArtifactStore(str(path))
+    return ConfinedStore(str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,14 +288,17 @@ def zip_folder(folder: Path, path: Path) -> Path:
     return path
 
 
-def unzip_folder(path: Path, dest: Path) -> Path:
+def unzip_folder(path: Path, dest: Path, what: str = "adapter archive") -> Path:
     dest = Path(dest)
-    with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            # An archive from a shared store must not write outside its folder.
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise ArtifactError(f"adapter archive {path}: unsafe member {name!r}")
-        zf.extractall(dest)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                # An archive from a shared store must not write outside its folder.
+                if Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise ArtifactError(f"{what} {path}: unsafe member {name!r}")
+            zf.extractall(dest)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{what} {path}: not a readable zip archive ({type(exc).__name__}: {exc})") from None
     return dest
 
 
@@ -290,7 +336,10 @@ def artifact_id(trial: optuna.trial.FrozenTrial, attr: str) -> str:
     value = trial.user_attrs.get(attr)
     if not value:
         raise ArtifactError(f"trial {trial.number} has no {what} artifact recorded ({attr} is not set)")
-    return str(value)
+    try:
+        return check_artifact_id(value)
+    except ArtifactError as exc:
+        raise ArtifactError(f"trial {trial.number}: {attr}: {exc}") from None
 
 
 def fetch(store, trial: optuna.trial.FrozenTrial, attr: str, dest: Path) -> Path:
@@ -301,10 +350,13 @@ def fetch(store, trial: optuna.trial.FrozenTrial, attr: str, dest: Path) -> Path
     try:
         with store.open_reader(aid) as reader, open(dest, "wb") as writer:
             shutil.copyfileobj(reader, writer)
-    except ArtifactNotFound:
+    except (ArtifactNotFound, IsADirectoryError, NotADirectoryError):
         Path(dest).unlink(missing_ok=True)
         raise ArtifactError(f"trial {trial.number}: artifact {aid} ({attr}) is missing from the artifact store "
                             f"{getattr(store, '_base_path', '')}") from None
+    except ArtifactError as exc:
+        Path(dest).unlink(missing_ok=True)
+        raise ArtifactError(f"trial {trial.number}: {attr}: {exc}") from None
     return Path(dest)
 
 
@@ -313,7 +365,7 @@ def extract_adapter(store, trial: optuna.trial.FrozenTrial, dest: Path) -> Path:
     dest = Path(dest)
     with tempfile.TemporaryDirectory(prefix="tuner-adapter-") as tmp:
         archive = fetch(store, trial, ADAPTER_ATTR, Path(tmp) / "adapter.zip")
-        unzip_folder(archive, dest)
+        unzip_folder(archive, dest, f"trial {trial.number}: adapter artifact {artifact_id(trial, ADAPTER_ATTR)}")
     for needed in ("adapter_config.json", "adapter_model.safetensors", INFO_FILE):
         if not (dest / needed).is_file():
             raise ArtifactError(f"trial {trial.number}: the adapter archive has no {needed}")
@@ -349,7 +401,8 @@ def extract_checkpoint(store, trial: optuna.trial.FrozenTrial, step: int, dest: 
     dest = Path(dest)
     with tempfile.TemporaryDirectory(prefix="tuner-checkpoint-") as tmp:
         archive = fetch(store, trial, CHECKPOINTS_ATTR, Path(tmp) / "checkpoints.zip")
-        unzip_folder(archive, Path(tmp) / "all")
+        unzip_folder(archive, Path(tmp) / "all",
+                     f"trial {trial.number}: checkpoints artifact {artifact_id(trial, CHECKPOINTS_ATTR)}")
         folder = Path(tmp) / "all" / f"step-{step:06d}"
         if not folder.is_dir():
             raise ArtifactError(f"trial {trial.number}: the checkpoints archive has no step {step}")

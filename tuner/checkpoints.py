@@ -6,11 +6,16 @@ resume from it; a study deleted and created again under the same name and output
 their folders are removed rather than resumed. Folders are written under a temporary name and renamed into place,
 so a half-written checkpoint is never taken for a finished one. `best.safetensors` beside them holds the adapter
 with the best validation value, which the trial ends with.
+
+The loop state is read with `torch.load(weights_only=True)`: tensors and plain values only. A run folder may be
+shared between machines, and a full unpickle would run whatever code a file there names; a state that needs more
+than tensors and plain values is refused as unreadable, like a corrupted one.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -60,6 +65,22 @@ def write(root: Path, step: int, *, adapter: lora.Adapter, base_name: str, owner
     return final
 
 
+class UnreadableCheckpoint(Exception):
+    """A state file that is not tensors and plain values (or not a torch file at all)."""
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint's loop state, tensors and plain values only: never code (see the module's docstring)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnreadableCheckpoint(f"unreadable {path.name}, refused ({type(exc).__name__}: {first[:160]})") from None
+    if not isinstance(state, dict):
+        raise UnreadableCheckpoint(f"unreadable {path.name}, refused (a {type(state).__name__}, not a mapping)")
+    return state
+
+
 def _check_state_shapes(optimizer) -> None:
     """torch's load_state_dict matches state to parameters by position, not shape: a checkpoint whose state does
     not fit (written before B was held transposed as [r, out]) would load, then fail at the first step."""
@@ -85,7 +106,7 @@ def resume(root: Path, owner: str | None, adapter: lora.Adapter, optimizer, sche
                 skipped.append(f"{folder.name}: written by {found or 'an unknown run'}, not by this trial; removed")
                 continue
         try:
-            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+            state = load_state(folder / STATE_FILE)
             _, tensors = lora.load_adapter_state(folder / "adapter")
             adapter.load_state_dict(tensors)
             optimizer.load_state_dict(state["optimizer"])

@@ -23,6 +23,20 @@ console = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty(
 err_console = Console(stderr=True, highlight=False, emoji=False, width=None if sys.stderr.isatty() else 160)
 
 
+def _int_between(lo: int, hi: int):
+    """An argparse type: an integer from lo to hi, or a one-line usage error that says so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {value}")
+        return value
+
+    return parse
+
+
 def _duration_arg(text: str) -> float:
     from .config import _duration
 
@@ -116,11 +130,12 @@ def trials_table(study, title: str | None = None) -> Table:
 
 
 def cmd_run(args) -> int:
-    from .config import load_config
+    from .config import check_study_name, load_config
     from .storage import mask_url
     from .worker import WorkerOptions, run_worker
 
     cfg = load_config(args.sweep, args.set)
+    check_study_name(args.study)
     if args.workers and args.workers > 1:
         from .launch import launch_workers
 
@@ -131,7 +146,7 @@ def cmd_run(args) -> int:
             console.print(f"(no leaderboard: {exc})")
         return code
     opts = WorkerOptions(storage_url=args.storage, study_name=args.study, trials=args.trials, timeout=args.timeout,
-                         device=args.device, force=args.force)
+                         device=args.device, force=args.force, artifacts=args.artifacts)
     name = args.study or cfg.study.name
     console.print(f"study [bold]{name}[/bold] in {mask_url(args.storage)}; budget "
                   f"{args.trials or cfg.study.trials} trials; sweep {args.sweep}")
@@ -261,8 +276,8 @@ def cmd_dashboard(args) -> int:
 
     storage = open_storage(args.storage)
     board = create(storage, args.storage, host=args.host, port=args.port, artifacts_dir=args.artifacts)
-    console.print(f"optuna-dashboard for {mask_url(args.storage)} ({len(board.studies)} studies), artifacts in "
-                  f"{board.artifact_dir}")
+    console.print(f"optuna-dashboard for {mask_url(args.storage)} ({len(board.studies)} studies)")
+    console.print(board.store_note, soft_wrap=True, markup=False)
     console.print(f"open {board.url}  (Ctrl-C to stop)", soft_wrap=True)
     sys.stdout.flush()
     board.serve()
@@ -278,6 +293,7 @@ def cmd_report(args) -> int:
 
     study = load_study(open_storage(args.storage), args.study)
     store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
+    console.print(artifacts.store_note([study], store_dir), soft_wrap=True, markup=False)
     try:
         store, problem = artifacts.open_store(store_dir, create=False), ""
     except artifacts.ArtifactError as exc:  # the tables and charts from the database still make a report
@@ -322,6 +338,7 @@ def cmd_promote(args) -> int:
     storage = open_storage(args.storage)
     study = load_study(storage, args.study)
     store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
+    console.print(artifacts.store_note([study], store_dir), soft_wrap=True, markup=False)
     trial, pub = promote(storage, study, trial_number=args.trial, store_dir=store_dir, repo=args.repo, to=args.to,
                          public=args.public, message=args.revision_message, checkpoint=args.checkpoint)
     what = f"trial {trial.number}" + (f" (checkpoint at step {args.checkpoint})" if args.checkpoint is not None else "")
@@ -407,7 +424,8 @@ def cmd_init(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .storage import DEFAULT_STORAGE
+    from .config import MAX_TRIALS
+    from .storage import DEFAULT_STORAGE, mask_url
 
     default_storage = os.environ.get("TUNER_STORAGE", DEFAULT_STORAGE)
     from . import __version__
@@ -430,18 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     def storage_arg(sp):
         sp.add_argument("--storage", default=default_storage,
-                        help=f"SQLAlchemy URL of the study storage (default {default_storage})")
+                        help=f"SQLAlchemy URL of the study storage (default: $TUNER_STORAGE, else {DEFAULT_STORAGE}; "
+                             f"now {mask_url(default_storage)})")
 
     r = sub.add_parser("run", help="create or resume a study and run trials")
     r.add_argument("sweep", help="sweep YAML file (`tuner init` writes a starter)")
     set_arg(r)
-    r.add_argument("--trials", type=int, help="global trial budget for the study (all workers together)")
+    r.add_argument("--trials", type=_int_between(1, MAX_TRIALS),
+                   help="global trial budget for the study (all workers together)")
     r.add_argument("--timeout", type=_duration_arg, help="stop starting trials after this long (90s, 30m, 2h)")
     r.add_argument("--study", help="study name (overrides the sweep file)")
     r.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     r.add_argument("--force", action="store_true", help="run even if the study's search space differs")
-    r.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    r.add_argument("--workers", type=_int_between(1, 256), default=1, help="worker processes on this machine")
     r.add_argument("--gpus", help="comma-separated GPU ids; workers are pinned round-robin")
+    r.add_argument("--artifacts", help="artifact store folder (default: the sweep's study.artifacts, else "
+                                       "artifacts/ next to the SQLite file, ./artifacts for a database server)")
     storage_arg(r)
     r.set_defaults(func=cmd_run)
 
@@ -464,11 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_best)
 
     def artifacts_arg(sp):
-        sp.add_argument("--artifacts", help="artifact store folder (default: the one the study recorded, else "
-                                            "artifacts/ next to the SQLite file)")
+        sp.add_argument("--artifacts", help="artifact store folder (default: artifacts/ next to the SQLite file, "
+                                            "./artifacts for a database server; a path recorded in the database "
+                                            "is never used)")
 
     d = sub.add_parser("dashboard", help="optuna-dashboard on the storage, with the trials' artifacts")
-    d.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    d.add_argument("--port", type=_int_between(0, 65535), default=8080,
+                   help="port (default 8080; 0 picks a free one)")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     storage_arg(d)
     artifacts_arg(d)
@@ -542,8 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TunerError as exc:
-        for line in str(exc).splitlines():
-            err_console.print(f"[red]error:[/red] {line}", soft_wrap=True)
+        from rich.markup import escape
+
+        for line in str(exc).splitlines():  # escaped: a message quotes user input, which may look like markup
+            err_console.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("[yellow]stopped at once; the storage is consistent (trials handed back for retry)[/]")

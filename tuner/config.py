@@ -32,6 +32,8 @@ QUANT_BITS = (4, 8, 16)
 BUILTIN_MODELS = ("builtin:smollm2-135m-instruct",)
 BUILTIN_DATA = ("builtin:diamonds", "builtin:ames")
 SOURCES = "builtin:diamonds, builtin:ames, hf:OWNER/NAME or a .csv/.jsonl/.parquet path"
+SEED_MAX = 2**32 - 1  # numpy's and Optuna's samplers take 32-bit seeds
+MAX_TRIALS = 100_000
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,9 @@ class Dim:
             return repr(self.value)
         if self.kind == "choices":
             return "{choices: %s}" % list(self.choices)
-        return "{low: %g, high: %g%s}" % (self.low, self.high, ", log: true" if self.log else "")
+        # step only when set: a signature written before steps were read stays the same.
+        return "{low: %g, high: %g%s%s}" % (self.low, self.high, ", log: true" if self.log else "",
+                                            "" if self.step is None else ", step: %g" % self.step)
 
 
 def _dim(kind_name: str, convert: Callable[[Any], Any], check: Callable[[Any], str | None], *, ranges: bool = True):
@@ -99,16 +103,35 @@ def _dim(kind_name: str, convert: Callable[[Any], Any], check: Callable[[Any], s
                 low, high = conv(raw["low"]), conv(raw["high"])
                 if not low < high:
                     raise ValueError(f"expected low < high, got low={low!r}, high={high!r}")
-                log = bool(raw.get("log", False))
+                log = raw.get("log", False)
+                if not isinstance(log, bool):  # "false" as a string would read as true
+                    raise _SubKeyError(".log", f"expected true or false, got {log!r}")
                 if log and low <= 0:
                     raise ValueError(f"expected low > 0 for a log range, got {low!r}")
-                return Dim("range", low=low, high=high, log=log, step=raw.get("step"))
+                step = _range_step(raw.get("step"), convert, low, high, log)
+                return Dim("range", low=low, high=high, log=log, step=step)
             raise ValueError(f"expected {shapes}, got keys {sorted(keys)}")
         if isinstance(raw, list):
             raise ValueError(f"expected {shapes} (write a list as {{choices: {raw!r}}})")
         return Dim("fixed", value=conv(raw))
 
     return BeforeValidator(validate)
+
+
+def _range_step(raw: Any, convert: Callable[[Any], Any], low: Any, high: Any, log: bool) -> Any:
+    """A range's `step`: None, or a positive value of the range's own type no larger than the range (Optuna
+    refuses a step on a log range, and a step of 0 never moves)."""
+    if raw is None:
+        return None
+    try:
+        step = convert(raw)
+    except (TypeError, ValueError):
+        step = None
+    if step is None or not step > 0 or step > high - low:
+        raise _SubKeyError(".step", f"expected a number > 0 and at most high - low ({high - low:g}), got {raw!r}")
+    if log:
+        raise _SubKeyError(".step", "expected no step on a log range (Optuna samples one or the other)")
+    return step
 
 
 def _number(v: Any) -> float:
@@ -149,8 +172,9 @@ def _between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
     return check
 
 
-def _at_least(lo: int) -> Callable[[int], str | None]:
-    return lambda v: None if v >= lo else f"an integer >= {lo}"
+def _at_least(lo: int, hi: int = 10**6) -> Callable[[int], str | None]:
+    # An upper bound too: a value no run could finish (epochs: 10**20) would pass and burn the budget.
+    return lambda v: None if lo <= v <= hi else f"an integer from {lo} to {hi:,}"
 
 
 def _one_of(options: tuple) -> Callable[[Any], str | None]:
@@ -167,7 +191,8 @@ LearningRateDim = Annotated[Dim, _dim("number", _number, _between(0, 1, lo_open=
 WarmupDim = Annotated[Dim, _dim("number", _number, _between(0, 1, hi_open=True))]
 WeightDecayDim = Annotated[Dim, _dim("number", _number, _between(0, 10))]
 PositiveIntDim = Annotated[Dim, _dim("integer", _integer, _at_least(1))]
-_length_dim = _dim("integer", _integer, _at_least(16))
+MAX_TOKENS = 1_048_576  # no model tuner can load reads a longer row
+_length_dim = _dim("integer", _integer, _at_least(16, MAX_TOKENS))
 
 
 def _max_length(raw: Any) -> Dim:
@@ -242,15 +267,15 @@ class AlphaSpec(_Strict):
     @field_validator("value")
     @classmethod
     def _positive(cls, v: float | None) -> float | None:
-        if v is not None and not v > 0:
-            raise ValueError(f"expected alpha > 0, got {v!r}")
+        if v is not None and not (v > 0 and math.isfinite(v) and v <= 1e6):
+            raise ValueError(f"expected a finite alpha > 0 (at most 1e6), got {v!r}")
         return v
 
 
 def _alpha(raw: Any) -> Any:
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        if not raw > 0:
-            raise ValueError(f"expected alpha > 0, got {raw!r}")
+        if not (raw > 0 and math.isfinite(raw) and raw <= 1e6):  # .inf would train nothing but NaNs
+            raise ValueError(f"expected a finite alpha > 0 (at most 1e6), got {raw!r}")
         return AlphaSpec(value=float(raw))
     if isinstance(raw, dict) and set(raw) - {"ratio", "value"}:
         raise ValueError(f"expected a number or {{ratio: ...}}, got keys {sorted(raw)}")
@@ -294,27 +319,27 @@ class TrainSpace(_Strict):
     """Training settings: fixed, or sampled where a range or choices is given. Steps are optimizer steps."""
 
     epochs: PositiveIntDim = Dim("fixed", value=1)
-    max_steps: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, le=10**8)
     batch_size: PositiveIntDim = Dim("fixed", value=8)
     grad_accum: PositiveIntDim = Dim("fixed", value=1)
     max_length: MaxLengthDim = Dim("fixed", value=182)
-    max_length_cap: int = Field(default=512, ge=16)  # the most `max_length: auto` may pick
+    max_length_cap: int = Field(default=512, ge=16, le=MAX_TOKENS)  # the most `max_length: auto` may pick
     optimizer: OptimizerDim = Dim("fixed", value="adamw_torch")
     scheduler: SchedulerDim = Dim("fixed", value="cosine")
     warmup_ratio: WarmupDim = Dim("fixed", value=0.03)
     weight_decay: WeightDecayDim = Dim("fixed", value=0.001)
     max_grad_norm: MaxGradNormDim = Dim("fixed", value=0.3)
-    seed: int = 42
-    eval_every: int | None = Field(default=None, ge=1)
-    eval_rows: int = Field(default=32, ge=1)
+    seed: int = Field(default=42, ge=0, le=SEED_MAX)
+    eval_every: int | None = Field(default=None, ge=1, le=10**8)
+    eval_rows: int = Field(default=32, ge=1, le=10**8)
     # Cheap for LoRA (adapter + optimizer state); what a retried trial resumes from after a crash or Ctrl-C.
-    checkpoint_every: int | None = Field(default=20, ge=1)
-    keep_checkpoints: int = Field(default=3, ge=1)  # the newest N, plus the one with the best validation value
+    checkpoint_every: int | None = Field(default=20, ge=1, le=10**8)
+    keep_checkpoints: int = Field(default=3, ge=1, le=10_000)  # the newest N, plus the one with the best validation value
     # Relative drop of the training loss across an epoch boundary that flags memorisation (`overfit_epochs`).
     overfit_drop: float = Field(default=0.15, gt=0, lt=1)
     gradient_checkpointing: Literal["auto", True, False] = "auto"
     # Trials trained together on one base in one loop (each its own rows, LoRA, optimizer); `auto` sizes it.
-    cotrain: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    cotrain: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
     # fused: the base runs once over all co-trained trials' rows; interleaved: once per trial in the same loop.
     # auto: fused (measured faster per trial than interleaved on the GPU and on the CPU, fp32 or bf16).
     cotrain_mode: Literal["auto", "fused", "interleaved"] = "auto"
@@ -418,10 +443,10 @@ class DataSpec(_Strict):
     test_split: str | None = None  # a Hub dataset's own held-out split; else test rows come from `split`
     text_column: str = "text"
     price_column: str = "price"
-    train_rows: int = Field(default=512, ge=1)
-    val_rows: int = Field(default=64, ge=1)
-    test_rows: int = Field(default=128, ge=1)
-    seed: int = 0
+    train_rows: int = Field(default=512, ge=1, le=10**8)
+    val_rows: int = Field(default=64, ge=1, le=10**8)
+    test_rows: int = Field(default=128, ge=1, le=10**8)
+    seed: int = Field(default=0, ge=0, le=SEED_MAX)
     max_bad_fraction: float = Field(default=0.1, ge=0, le=1)
     # A loud warning when most descriptions lose more than this fraction of their tokens to fit train.max_length.
     cut_warn_fraction: float = Field(default=0.25, gt=0, lt=1)
@@ -442,16 +467,16 @@ class DataSpec(_Strict):
 
 class SamplerSpec(_Strict):
     type: Literal["tpe", "random", "grid"] = "tpe"
-    seed: int | None = 0
-    n_startup_trials: int = Field(default=3, ge=0)
+    seed: int | None = Field(default=0, ge=0, le=SEED_MAX)
+    n_startup_trials: int = Field(default=3, ge=0, le=10**6)
 
 
 class PrunerSpec(_Strict):
     type: Literal["none", "median", "successive_halving", "hyperband"] = "none"
-    n_startup_trials: int = Field(default=2, ge=0)
-    n_warmup_steps: int = Field(default=0, ge=0)
-    min_resource: int | Literal["auto"] = "auto"
-    reduction_factor: int = Field(default=3, ge=2)
+    n_startup_trials: int = Field(default=2, ge=0, le=10**6)
+    n_warmup_steps: int = Field(default=0, ge=0, le=10**8)
+    min_resource: Annotated[int, Field(ge=1, le=10**8)] | Literal["auto"] = "auto"
+    reduction_factor: int = Field(default=3, ge=2, le=1000)
 
     @model_validator(mode="after")
     def _keys_of_this_pruner(self) -> "PrunerSpec":
@@ -480,9 +505,30 @@ def _duration(raw: Any) -> float | None:
     raise ValueError(f"expected a duration such as 90, '90s', '30m' or '2h', got {raw!r}")
 
 
+# A study name is a folder under output_dir and a key in the database (Optuna's column holds 512 characters; a
+# folder name 255 bytes): one plain path component, short enough for both.
+STUDY_NAME_MAX = 200
+
+
+def study_name_problem(name: object) -> str | None:
+    """What is wrong with a study name, or None. A name that is not one plain path component would put run folders
+    outside output_dir (`../x`, `a/b`, an absolute path)."""
+    if not isinstance(name, str) or not name.strip():
+        return "a non-empty study name"
+    if len(name) > STUDY_NAME_MAX or len(name.encode("utf-8", "surrogatepass")) > 255:
+        return (f"a study name of at most {STUDY_NAME_MAX} characters and 255 bytes (it names a folder and a "
+                f"database row)")
+    if name in (".", "..") or any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return ("a study name that is one plain folder name (no '/', '\\', control characters, '.' or '..'), "
+                "so that its run folders stay inside output_dir")
+    if name != name.strip():
+        return "a study name without leading or trailing spaces"
+    return None
+
+
 class StudySpec(_Strict):
     name: str = "default"
-    trials: int = Field(default=4, ge=1)
+    trials: int = Field(default=4, ge=1, le=MAX_TRIALS)
     timeout: Annotated[float | None, BeforeValidator(_duration)] = None
     objective: Literal["mae", "rmsle", "hit_rate"] = "mae"
     sampler: SamplerSpec = SamplerSpec()
@@ -492,9 +538,26 @@ class StudySpec(_Strict):
     # Optuna artifact store (a folder). None: `artifacts/` next to the SQLite file, or ./artifacts for a server.
     artifacts: str | None = None
     # A worker that dies stops sending heartbeats; after `grace_period` seconds its trial is failed and retried.
-    heartbeat_interval: int = Field(default=30, ge=1)
-    grace_period: int = Field(default=120, ge=2)
-    max_retries: int = Field(default=3, ge=0)
+    # Bounded: a heartbeat thread waits `heartbeat_interval` seconds, and a wait past threading.TIMEOUT_MAX dies.
+    heartbeat_interval: int = Field(default=30, ge=1, le=3600)
+    grace_period: int = Field(default=120, ge=2, le=7 * 86400)
+    max_retries: int = Field(default=3, ge=0, le=100)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        problem = study_name_problem(v)
+        if problem:
+            raise ValueError(f"expected {problem}, got {v[:80]!r}" + ("..." if len(v) > 80 else ""))
+        return v
+
+    @model_validator(mode="after")
+    def _grace(self) -> "StudySpec":
+        # Shorter than two heartbeats, one late beat makes the worker's own live trial look dead and be failed.
+        if self.grace_period < 2 * self.heartbeat_interval:
+            raise _SubKeyError(".grace_period", f"expected at least twice study.heartbeat_interval "
+                                                f"({2 * self.heartbeat_interval} s), got {self.grace_period}")
+        return self
 
     @property
     def direction(self) -> str:
@@ -503,9 +566,9 @@ class StudySpec(_Strict):
 
 class ScoringSpec(_Strict):
     # Fixed: quantized kernels are not batch-invariant, so a row's prediction must not depend on free memory.
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=32, ge=1, le=65536)
     method: Literal["greedy", "expected_value"] = "greedy"
-    top_k: int = Field(default=10, ge=1)
+    top_k: int = Field(default=10, ge=1, le=1000)
 
 
 class WandbSpec(_Strict):
@@ -588,7 +651,9 @@ def _cross_checks(cfg: SweepConfig) -> list[ConfigError]:
 
 
 def _format_loc(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith(("function-", "union["))))
+    # A key that is not printable (a newline in it) is quoted, so that the message stays one line.
+    return ".".join(str(p) if str(p).isprintable() else repr(p) for p in loc
+                    if not (isinstance(p, str) and p.startswith(("function-", "union["))))
 
 
 def errors_from(file: str, exc: ValidationError) -> list[ConfigError]:
@@ -606,7 +671,7 @@ def errors_from(file: str, exc: ValidationError) -> list[ConfigError]:
         if msg.startswith("expected "):
             out.append(ConfigError(file, key, msg[len("expected "):]))
         else:
-            out.append(ConfigError(file, key, _expected(err), err.get("input"), has_got=True))
+            out.append(ConfigError(file, key, _expected(err), _short(err.get("input")), has_got=True))
     return out
 
 
@@ -651,12 +716,29 @@ class ConfigErrors(ConfigError):
         self.args = ("\n".join(str(e) for e in errors),)
 
 
+def _short(value: Any) -> Any:
+    """A value as an error quotes it: long ones cut, so that a message stays one readable line."""
+    text = repr(value)
+    return value if len(text) <= 80 else _Cut(text[:77] + "...")
+
+
+class _Cut(str):
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def parse_config(data: Any, file: str = "<memory>") -> SweepConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(file, None, "a mapping of sections (study, model, data, search, train, ...)", data,
-                          has_got=True)
+        raise ConfigError(file, None, "a mapping of sections (study, model, data, search, train, ...)",
+                          _short(data), has_got=True)
+    bad_key = _non_string_key(data)
+    if bad_key:
+        raise ConfigError(file, bad_key[0], "names as keys (strings)", _short(bad_key[1]), has_got=True)
+    if "source_file" in data:  # tuner's own field, set from the path: not a key of the file
+        allowed = ", ".join(_allowed_keys(()))
+        raise ConfigError(file, "source_file", f"a known key (unknown key; allowed here: {allowed})")
     try:
         cfg = SweepConfig(**data, source_file=file)
     except ValidationError as exc:
@@ -667,26 +749,100 @@ def parse_config(data: Any, file: str = "<memory>") -> SweepConfig:
     return cfg
 
 
+def check_study_name(name: str | None, where: str = "--study") -> None:
+    """A study name given outside the sweep file (--study, the Python API), held to the sweep file's rule."""
+    problem = None if name is None else study_name_problem(name)
+    if problem:
+        shown = name[:80] + ("..." if len(name) > 80 else "") if isinstance(name, str) else name
+        raise ConfigError(where, None, problem, shown, has_got=True)
+
+
+MAX_SWEEP_BYTES = 256 * 1024  # a sweep file is a few kB; a bigger one is a mistake, and PyYAML is slow on it
+
+
+class _SweepLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter: a key given twice is an error (PyYAML keeps the last silently), and aliases
+    (`*name`) are refused, since a few lines of them expand to gigabytes (a "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a sweep file", mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # a list or mapping as a key: refused when the keys are checked
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _non_string_key(data: Any, where: str = "") -> tuple[str, Any] | None:
+    """The first mapping key that is not a string (`1: 2`), with where it is; every key of a sweep file is a name."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if not isinstance(k, str):
+                return where or "(top level)", k
+            found = _non_string_key(v, f"{where}.{k}" if where else k)
+            if found:
+                return found
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found = _non_string_key(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def read_sweep_text(path: Path) -> str:
+    """The file's text: bounded in size and UTF-8, or a ConfigError that says which."""
+    file = str(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_SWEEP_BYTES:
+            raise ConfigError(file, None, f"a sweep file of at most {MAX_SWEEP_BYTES // 1024} KiB, got {size:,} bytes")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(file, None, f"a readable sweep file ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(file, None, f"UTF-8 text (byte {exc.start} on line {line} is not)") from None
+
+
 def load_config(path: str | Path, overrides: "list[str] | tuple[str, ...]" = ()) -> SweepConfig:
     """The sweep file, with `--set KEY=VALUE` overrides (`tuner.overrides`) applied before validation."""
     path = Path(path)
     file = str(path)
     if not path.is_file():
         raise ConfigError(file, None, "an existing sweep file")
+    text = read_sweep_text(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(text, Loader=_SweepLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(file, None, f"valid YAML: {problem}{where}") from None
-    if not overrides:
+    except RecursionError:  # thousands of nested brackets
+        raise ConfigError(file, None, "valid YAML: nested too deeply") from None
+    if data is None:  # an empty file would otherwise run a full default study
+        raise ConfigError(file, None, "at least one section (study, model, data, search, train, ...); the file is "
+                                      "empty (write `study: {name: NAME}` to run the defaults)")
+    if not overrides or not isinstance(data, dict):  # the file's own error first
         return parse_config(data, file)
     from . import overrides as ov
 
-    if data is not None and not isinstance(data, dict):
-        return parse_config(data, file)  # the file's own error first
-    data = ov.apply(data or {}, overrides, [k for k in SweepConfig.model_fields if k != "source_file"])
+    data = ov.apply(data, overrides, [k for k in SweepConfig.model_fields if k != "source_file"])
     try:
         return parse_config(data, file)
     except ConfigErrors as exc:

@@ -36,6 +36,7 @@ class Dashboard:
     url: str
     artifact_dir: Path
     studies: list[str]
+    store_note: str = ""  # which artifact store is served, and whether it exists
 
     def serve(self) -> None:
         """Until Ctrl-C or SIGTERM."""
@@ -59,7 +60,11 @@ def create(storage, storage_url: str, *, host: str = "127.0.0.1", port: int = 80
 
     summaries = optuna.get_all_study_summaries(storage)
     store_dir = artifacts.location_for_studies(summaries, storage_url, artifacts_dir)
-    store = artifacts.open_store(store_dir)
+    note = artifacts.store_note(summaries, store_dir)
+    if store_dir.is_dir():
+        store = artifacts.open_store(store_dir, create=False)
+    else:  # a reader never creates storage: served without artifacts
+        store, note = None, f"{note}: no such folder, so no artifacts are shown"
     app = wsgi(storage, artifact_store=store)
     try:
         server = make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
@@ -67,4 +72,4 @@ def create(storage, storage_url: str, *, host: str = "127.0.0.1", port: int = 80
         raise TunerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
-    return Dashboard(server, f"http://{shown}:{bound_port}/", store_dir, [s.study_name for s in summaries])
+    return Dashboard(server, f"http://{shown}:{bound_port}/", store_dir, [s.study_name for s in summaries], note)

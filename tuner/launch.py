@@ -24,9 +24,11 @@ def _pump(stream, prefix: str) -> None:
 
 
 def worker_command(args, index: int) -> list[str]:
-    cmd = [sys.executable, "-m", "tuner.cli", "run", args.sweep, "--storage", args.storage, "--workers", "1"]
+    # The storage URL may hold a password: it goes to the workers in their environment (TUNER_STORAGE, read by
+    # `tuner run` as its default), never on a command line, which every user of the machine can read in `ps`.
+    cmd = [sys.executable, "-m", "tuner.cli", "run", args.sweep, "--workers", "1"]
     for flag, value in (("--trials", args.trials), ("--timeout", args.timeout), ("--study", args.study),
-                        ("--device", args.device)):
+                        ("--device", args.device), ("--artifacts", getattr(args, "artifacts", None))):
         if value is not None:
             cmd += [flag, str(value)]
     if args.force:
@@ -36,8 +38,8 @@ def worker_command(args, index: int) -> list[str]:
     return cmd
 
 
-def worker_env(index: int, n: int, gpus: list[str] | None) -> dict:
-    env = {**os.environ, "TUNER_WORKER_INDEX": str(index), "TUNER_PLAIN_OUTPUT": "1"}
+def worker_env(index: int, n: int, gpus: list[str] | None, storage: str) -> dict:
+    env = {**os.environ, "TUNER_WORKER_INDEX": str(index), "TUNER_PLAIN_OUTPUT": "1", "TUNER_STORAGE": storage}
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     else:
@@ -53,8 +55,8 @@ def launch_workers(args) -> int:
     procs: list[subprocess.Popen] = []
     pumps = []
     for i in range(n):
-        p = subprocess.Popen(worker_command(args, i), env=worker_env(i, n, gpus), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, bufsize=1)
+        p = subprocess.Popen(worker_command(args, i), env=worker_env(i, n, gpus, args.storage),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         procs.append(p)
         t = threading.Thread(target=_pump, args=(p.stdout, f"[worker {i}] "), daemon=True)
         t.start()

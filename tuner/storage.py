@@ -45,8 +45,68 @@ promotions_table = sa.Table(
 )
 
 
+NOT_A_URL = "(the value given is not a URL, so it is not shown: it may hold a password)"
+# Query parameters that carry a secret in the drivers' URLs (?password=, ?sslpassword=, ?token=, ?api_key= ...).
+_SECRET_QUERY = re.compile(r"([?&;][^=&;#]*(?:pass|secret|token|key)[^=&;#]*=)[^&;#]*", re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    """The URL as it may be shown: every password replaced by ***. The password is everything between the user's
+    ':' and the authority's last '@' (an unencoded '@' in a password is still the password's, and the user may be
+    empty), and every secret-like query parameter. A string that is not a URL is not shown at all."""
+    if not isinstance(url, str) or "://" not in url:
+        return NOT_A_URL
+    scheme, _, rest = url.partition("://")
+    if "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if colon and "/" not in user:
+            rest = f"{user}:***@{host}"
+    return _SECRET_QUERY.sub(r"\1***", f"{scheme}://{rest}")
+
+
+def _secrets(url: str) -> list[str]:
+    """The pieces of `url` that mask_url hides: the password (and each '@'-separated part of it, which a driver may
+    quote as part of a host name) and secret query values. Parts shorter than 4 characters are not scrubbed from
+    messages (they would mangle them); mask_url hides them all the same."""
+    if not isinstance(url, str) or "://" not in url:
+        return [url] if isinstance(url, str) and url else []
+    rest = url.partition("://")[2]
+    found = [m.group(0).partition("=")[2] for m in _SECRET_QUERY.finditer(rest)]
+    if "@" in rest:
+        userinfo = rest.rpartition("@")[0]
+        user, colon, password = userinfo.partition(":")
+        if colon and "/" not in user and password:
+            found += [password, *password.split("@")]
+    return sorted({f for f in found if len(f) >= 4}, key=len, reverse=True)
+
+
+def _scrub(text: str, url: str) -> str:
+    """A driver's message with the URL's secrets taken out, should the driver have quoted them."""
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+def parse_url(url: str) -> sa.engine.URL:
+    """The parsed URL, or a StorageError that shows it masked (or not at all, when it is not a URL)."""
+    try:
+        if isinstance(url, str) and "://" in url:
+            _check_userinfo(url)
+        return sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise StorageError(f"storage {mask_url(url)}: not a database URL (examples: sqlite:///studies.db, "
+                           f"postgresql://user@host/db)") from None
+    except ValueError:  # sqlalchemy reads the port as an int
+        raise StorageError(f"storage {mask_url(url)}: not a valid database URL (the port must be a number)") from None
+
+
+def _check_userinfo(url: str) -> None:
+    """An unencoded '@' in the password makes the driver read part of the password as the host (and quote it in
+    its error): refused, saying how to write it."""
+    authority = url.partition("://")[2].split("/", 1)[0]
+    if authority.count("@") > 1:
+        raise StorageError(f"storage {mask_url(url)}: the user or password holds an '@'; write it as %40")
 
 
 def worker_id() -> str:
@@ -73,16 +133,32 @@ def engine_kwargs(url: str) -> dict:
     return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4}
 
 
+def _check_sqlite_writable(path: str | None) -> None:
+    """A worker writes its SQLite file: one it cannot write (read-only file, folder or mount) is refused now, by
+    taking the write lock once, rather than failing later with SQLite's misleading messages."""
+    if not path or path == ":memory:" or not Path(path).exists():
+        return
+    try:
+        con = sqlite3.connect(f"file:{Path(path).resolve()}?mode=rw", uri=True, timeout=30)
+        try:  # a write inside a transaction that is rolled back: SQLite opens a protected file read-only silently
+            con.isolation_level = None
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("CREATE TABLE tuner_write_probe (x INTEGER)")
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise StorageError(f"storage {path}: cannot write this SQLite file ({exc}); `tuner run` needs to write "
+                           f"it (check its and its folder's permissions)") from None
+
+
 def check_url(url: str) -> None:
     """Before anything else is done: a URL that cannot be parsed, or a database server that cannot be reached, is
     refused. Nothing is created (a SQLite file is only made when the storage is opened, after the data and models
     are known to be good)."""
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
-        raise StorageError(f"storage {mask_url(url)!r}: not a database URL (examples: sqlite:///studies.db, "
-                           f"postgresql://user@host/db)") from None
+    parsed = parse_url(url)
     if parsed.drivername.startswith("sqlite"):
+        _check_sqlite_writable(parsed.database)
         return
     try:
         engine = sa.create_engine(url, **engine_kwargs(url))
@@ -90,7 +166,7 @@ def check_url(url: str) -> None:
             pass
         engine.dispose()
     except Exception as exc:  # drivers raise their own types; all mean the same thing to a user
-        reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300]
+        reason = _scrub(str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300], url)
         raise StorageError(f"cannot open storage {mask_url(url)}: {type(exc).__name__}: {reason}") from None
 
 
@@ -99,11 +175,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
     """An `optuna.storages.RDBStorage`, or a clear StorageError naming the URL (password masked) and the cause."""
     import optuna
 
-    try:
-        sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
-        raise StorageError(f"storage {url!r}: not a database URL (examples: sqlite:///studies.db, "
-                           f"postgresql://user@host/db)") from None
+    parse_url(url)
     try:
         if url.startswith("sqlite"):
             _prepare_sqlite(url)
@@ -114,7 +186,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
     except StorageError:
         raise
     except Exception as exc:  # drivers raise their own types; all mean the same thing to a user
-        reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300]
+        reason = _scrub(str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300], url)
         raise StorageError(f"cannot open storage {mask_url(url)}: {type(exc).__name__}: {reason}") from None
     return storage
 

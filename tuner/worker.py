@@ -17,7 +17,6 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryFailedTrialCallback
@@ -27,7 +26,7 @@ from . import artifacts, models, places
 from . import storage as store
 from .baselines import ensure_base_model, ensure_classical, ensure_median, record_fits
 from .batches import auto_reason, encode
-from .config import SweepConfig
+from .config import MAX_TRIALS, SweepConfig, check_study_name
 from .errors import TunerError
 from .loop import NO_FAULTS, Faults, train_group
 from .outcome import TrialContext, TrialOutcome
@@ -47,6 +46,7 @@ class WorkerOptions:
     device: str | None = None
     force: bool = False
     wait_for_others: bool = True
+    artifacts: str | None = None  # the artifact store folder; None: the sweep's study.artifacts, else the default
     faults: Faults = NO_FAULTS  # tests only: faults the training loop injects into itself
 
 
@@ -93,7 +93,7 @@ class Worker:
         self.cfg, self.opts = cfg, opts
         self.reporter = reporter or NullReporter()
         self.study_name = opts.study_name or cfg.study.name
-        self.budget = opts.trials or cfg.study.trials
+        self.budget = cfg.study.trials if opts.trials is None else opts.trials
         self.stopper = Stopper(self.reporter)
         self.bases = BaseCache(capacity=1, cpu_bf16=cfg.train.cpu_bf16)
         self._encoded: dict[tuple, tuple] = {}
@@ -107,6 +107,9 @@ class Worker:
         """Data, models and token budgets are checked before the storage is opened: bad input leaves no study
         behind (one made with a wrong data path would refuse the corrected run as another search)."""
         cfg = self.cfg
+        check_study_name(self.opts.study_name)
+        if self.opts.trials is not None and not 1 <= self.opts.trials <= MAX_TRIALS:  # 0 must not mean "the file's"
+            raise TunerError(f"trials: expected an integer from 1 to {MAX_TRIALS}, got {self.opts.trials}")
         if os.environ.get("TUNER_TORCH_THREADS"):  # set by --workers: this process's share of the cores
             import torch
 
@@ -128,7 +131,7 @@ class Worker:
         if self.study.user_attrs.get(places.RUNS_ATTR) != str(runs):  # where `tuner clean` looks
             self.study.set_user_attr(places.RUNS_ATTR, str(runs))
         self.reporter.message(f"run folders (checkpoints, W&B offline runs) in {self.out_root}")
-        self.store_dir = artifacts.location(self.opts.storage_url, cfg.study.artifacts)
+        self.store_dir = artifacts.location(self.opts.storage_url, self.opts.artifacts or cfg.study.artifacts)
         self.hub_token: str | None = None
         if cfg.tracking.hub.push_checkpoints:
             from huggingface_hub import get_token
