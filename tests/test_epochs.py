@@ -52,6 +52,25 @@ def test_the_best_evaluated_adapter_is_kept_not_the_last(base16, diamonds, tmp_p
     assert (tmp_path / "checkpoints" / "best.safetensors").is_file()
 
 
+def test_a_tie_keeps_the_later_adapter(base16, diamonds, tmp_path):
+    rows, _ = encode(base16.tokenizer, diamonds.train[:8], 182)
+    values = iter([3.0, 5.0, 3.0])
+
+    class Hooks:
+        def on_step(self, run, record):
+            pass
+
+        def on_evaluate(self, run, step):
+            return Evaluation(next(values))
+
+        def on_checkpoint(self, run, step, path):
+            pass
+
+    run = TrialRun("t", params(), rows, tmp_path, hooks=Hooks(), checkpoint_every=None)
+    train_one(base16, run)
+    assert run.kept["step"] == 6 and run.kept["reason"] == "last is best"
+
+
 def test_epoch_boundaries_are_measured_and_flagged(base16, diamonds):
     rows, _ = encode(base16.tokenizer, diamonds.train[:8], 182)
     run = TrialRun("m", params(epochs=3, learning_rate=5e-3), rows, Path("/unused"))

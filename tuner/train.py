@@ -311,7 +311,9 @@ class TrialRun:
         epoch = math.ceil(self.step / self.steps_per_epoch)
         entry = {"step": self.step, "epoch": epoch, "value": value}
         self.evals.append(entry)
-        better = self.best is None or (value > self.best["value"] if self.maximize else value < self.best["value"])
+        # A tie goes to the later adapter: it has trained more, and on a small validation set equal values are
+        # common (a tie kept step 200 of 250 in a default study, which then scored 33% worse on the test rows).
+        better = self.best is None or (value >= self.best["value"] if self.maximize else value <= self.best["value"])
         if better:
             self.best = entry
             self._best_state = self.adapter.state_dict()
