@@ -246,7 +246,7 @@ def test_run_with_set_from_elsewhere_fresh_user_cache_and_clean(tmp_path):
     env = {"TUNER_CACHE": None, "XDG_CACHE_HOME": str(xdg)}
     res = tuner(["run", str(sweep), "--storage", url, "--set", "study.name=from-set", "--set", "study.trials=1",
                  "--set", "search.learning_rate=2.0e-3", "--set", "data={train_rows: 8, val_rows: 8, test_rows: 8}",
-                 "--set", "train.checkpoint_every=1"], elsewhere, env=env, timeout=900)
+                 "--set", "train.checkpoint_every=1"], elsewhere, env=env, timeout=1500)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert (xdg / "tuner" / "models" / "smollm2-135m-instruct" / "config.json").is_file()
