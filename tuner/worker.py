@@ -17,7 +17,6 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryFailedTrialCallback
