@@ -18,7 +18,7 @@ def readme_example() -> str:
 
 def test_the_readme_example_runs(tmp_path):
     res = subprocess.run([sys.executable, "-c", readme_example()], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=900)
+                         timeout=1500)
     assert res.returncode == 0, res.stdout + res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].startswith("trained trials [0] in "), res.stdout
