@@ -29,7 +29,8 @@ def _int_between(lo: int, hi: int):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {text!r}") from None
+            # Not echoed: a value given to the wrong flag may be a URL with a password.
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}") from None
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {value}")
         return value
@@ -136,6 +137,8 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.sweep)
     check_study_name(args.study)
+    if args.dry_run:
+        return _dry_run(cfg, args)
     if args.workers and args.workers > 1:
         from .launch import launch_workers
 
@@ -159,6 +162,31 @@ def cmd_run(args) -> int:
     if report.interrupted:
         console.print("[yellow]stopped by a signal; run the same command again to resume[/yellow]")
         return 130
+    return 0
+
+
+def _dry_run(cfg, args) -> int:
+    """`tuner run --dry-run`: the sweep file, the study name, the storage URL, the model and data names checked, and
+    what a run would do printed; nothing is loaded, connected to or created."""
+    from .space import space_signature
+    from .storage import mask_url, parse_url
+
+    parse_url(args.storage)
+    name = args.study or cfg.study.name
+    budget = args.trials or cfg.study.trials
+    console.print(f"dry run: study {name} in {mask_url(args.storage)}; budget {budget} trials; "
+                  f"{args.workers} worker(s); sweep {args.sweep}", markup=False, soft_wrap=True)
+    console.print(f"model: {cfg.model.name}; data: {cfg.data.source} ({cfg.data.train_rows} train, "
+                  f"{cfg.data.val_rows} validation, {cfg.data.test_rows} test rows); objective {cfg.study.objective} "
+                  f"({cfg.study.direction}); sampler {cfg.study.sampler.type}; pruner {cfg.study.pruner.type}",
+                  markup=False, soft_wrap=True)
+    sig = space_signature(cfg)
+    for key in ("r", "alpha", "target_modules", "dropout", "quant_bits", "learning_rate"):
+        if key in sig:
+            console.print(f"  {key}: {sig[key]}", markup=False, soft_wrap=True)
+    for key, value in sig["train"].items():
+        console.print(f"  train.{key}: {value}", markup=False, soft_wrap=True)
+    console.print("nothing was loaded, connected to or created", markup=False)
     return 0
 
 
@@ -375,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--study", help="study name (overrides the sweep file)")
     r.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     r.add_argument("--force", action="store_true", help="run even if the study's search space differs")
+    r.add_argument("--dry-run", action="store_true", help="check the sweep file, names and storage URL and say what "
+                                                           "would run; load, connect to and create nothing")
     r.add_argument("--workers", type=_int_between(1, 256), default=1, help="worker processes on this machine")
     r.add_argument("--gpus", help="comma-separated GPU ids; workers are pinned round-robin")
     r.add_argument("--artifacts", help="artifact store folder (default: the sweep's study.artifacts, else "
