@@ -561,3 +561,31 @@ def test_fuzz_command_lines_exit_0_or_2_without_a_traceback(tmp_path):
 
     run()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 12. Exit codes tell the truth
+
+
+def test_a_run_whose_trials_all_failed_exits_1_with_the_reasons_counted(tmp_path):
+    """Before: `tuner run` exited 0 whatever became of its trials. Two real trials fail (an out-of-memory error
+    injected at every attempt); the run's closing lines count them by reason and the exit code is 1."""
+    import contextlib
+    import io
+
+    from tuner import cli
+    from tuner.config import load_config
+    from tuner.loop import Faults
+    from tuner.worker import WorkerOptions, run_worker
+
+    sweep = tiny_sweep(tmp_path, name="allfail", trials=2, wandb="disabled")
+    url = f"sqlite:///{tmp_path}/s.db"
+    report = run_worker(load_config(sweep), WorkerOptions(storage_url=url, faults=Faults(oom_at_step=1,
+                                                                                          oom_always=True)))
+    assert report.states == {0: "FAIL", 1: "FAIL"}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.closing(report, url, "allfail")
+    assert code == 1 and "this worker completed no trial; 2 failed: oom x2" in out.getvalue()
+    report.states[2] = "COMPLETE"  # one completed trial makes it a run that did its work
+    assert cli.closing(report, url, "allfail") == 0

@@ -159,10 +159,32 @@ def cmd_run(args) -> int:
     console.print(f"this worker ran {len(report.ran)} trial(s) in {fmt.secs(time.time() - t0)}")
     if not os.environ.get("TUNER_PLAIN_OUTPUT"):  # launched by --workers: the launcher prints the leaderboard
         print_leaderboard(args.storage, name)
+    return closing(report, args.storage, name)
+
+
+def closing(report, storage_url: str, name: str) -> int:
+    """The run's exit code, said in its last lines: 130 after a signal; 1 when this worker completed no trial and
+    at least one of its trials failed (with the failures counted by reason); else 0."""
+    from collections import Counter
+
+    from .storage import open_storage
+    from .study import load_study
+
     if report.interrupted:
         console.print("[yellow]stopped by a signal; run the same command again to resume[/yellow]")
         return 130
-    return 0
+    failed = sorted(n for n, state in report.states.items() if state == "FAIL")
+    if not failed or "COMPLETE" in report.states.values():
+        return 0
+    try:
+        trials = {t.number: t for t in load_study(open_storage(storage_url), name).get_trials(deepcopy=False)}
+        reasons = Counter(str(trials[n].user_attrs.get("fail_reason") or "unknown") if n in trials else "unknown"
+                          for n in failed)
+    except TunerError:  # the storage went away: the count still stands
+        reasons = Counter({"unknown (storage unreachable)": len(failed)})
+    counted = ", ".join(f"{reason} x{count}" for reason, count in reasons.most_common())
+    console.print(f"[red]this worker completed no trial; {len(failed)} failed: {counted}[/red]", soft_wrap=True)
+    return 1
 
 
 def _dry_run(cfg, args) -> int:
