@@ -589,3 +589,22 @@ def test_a_run_whose_trials_all_failed_exits_1_with_the_reasons_counted(tmp_path
     assert code == 1 and "this worker completed no trial; 2 failed: oom x2" in out.getvalue()
     report.states[2] = "COMPLETE"  # one completed trial makes it a run that did its work
     assert cli.closing(report, url, "allfail") == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 13. Smaller defects
+
+
+def test_a_jsonl_price_of_true_is_not_a_dollar(tmp_path):
+    """Before: pandas read `true` in a column of numbers as 1.0, a $1 item."""
+    import json
+
+    from tuner.config import DataSpec
+    from tuner.data import load_splits
+
+    rows = [{"text": f"item {i}", "price": 10 + i} for i in range(30)] + [{"text": "a flag", "price": True}]
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    splits = load_splits(DataSpec(source=str(path), train_rows=20, val_rows=5, test_rows=5))
+    assert splits.skipped == {"non_numeric_price": 1}
+    assert all(e.price >= 10 for e in splits.train + splits.val + splits.test)

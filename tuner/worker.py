@@ -34,7 +34,8 @@ from .outcome import TrialContext, TrialOutcome
 from .prepare import prepare
 from .runtime import BaseCache, Heartbeat, NullReporter, Reporter, Stopper, release_memory
 from .space import TrialParams, sample
-from .study import ask, frozen, frozen_by_number, open_study, pop_waiting, running_elsewhere, tell, trial_id
+from .study import (ask, fail_stale_trials, frozen, frozen_by_number, open_study, pop_waiting, running_elsewhere,
+                    tell, trial_id)
 from .train import TrialRun
 
 
@@ -207,7 +208,7 @@ class Worker:
     def _acquire(self) -> Acquired | None:
         """A trial waiting in the queue (a retry, or one enqueued by hand), else a fresh one if a budget slot is
         free. Fresh trials are only created after a slot is claimed, so several workers never overshoot."""
-        optuna.storages.fail_stale_trials(self.study)
+        fail_stale_trials(self.study, self.cfg.study.grace_period)
         slot = None
         waiting = pop_waiting(self.study)
         if waiting is None:
@@ -247,6 +248,14 @@ class Worker:
             trial.set_user_attr(key, value)
         if got.retry_of is not None:
             trial.set_user_attr("retry_of", got.retry_of)
+            # A retry is made with the failed trial's user attributes: its failure is kept as why it was retried,
+            # not left as the retry's own (a retry that completes is not `interrupted`).
+            inherited = trial.user_attrs
+            if inherited.get("fail_reason") is not None:
+                trial.set_user_attr("retry_reason", inherited["fail_reason"])
+            for key in ("fail_reason", "fail_detail", "checkpoint_step"):
+                if inherited.get(key) is not None:
+                    trial.set_user_attr(key, None)
         return params
 
     # -- groups -------------------------------------------------------------------------------------------------
