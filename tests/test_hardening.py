@@ -608,3 +608,27 @@ def test_a_jsonl_price_of_true_is_not_a_dollar(tmp_path):
     splits = load_splits(DataSpec(source=str(path), train_rows=20, val_rows=5, test_rows=5))
     assert splits.skipped == {"non_numeric_price": 1}
     assert all(e.price >= 10 for e in splits.train + splits.val + splits.test)
+
+
+def test_readers_create_no_storage(tmp_path):
+    """Before: `tuner status` on a mistyped SQLite path created its folders and an empty database."""
+    for args in (["status", "s"], ["best", "s"], ["report", "s"], ["dashboard", "--port", "0"],
+                 ["promote", "s", "--to", str(tmp_path / "out")]):
+        res = tuner(args + ["--storage", f"sqlite:///{tmp_path}/typo/dir/studies.db"], tmp_path)
+        _one_line_error(res, "no such SQLite file", "nothing was created")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_promote_to_a_folder_keeps_a_leftover_tmp_folder(tmp_path):
+    """Before: `promote --to DEST` silently deleted an existing `.DEST.tmp`."""
+    from tuner.promote import PromoteError, publish_to_folder
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    leftover = tmp_path / ".dest.tmp"
+    leftover.mkdir()
+    (leftover / "mine.txt").write_text("keep me")
+    with pytest.raises(PromoteError, match=r"\.dest\.tmp already exists"):
+        publish_to_folder(adapter, "card", tmp_path / "dest")
+    assert (leftover / "mine.txt").read_text() == "keep me" and not (tmp_path / "dest").exists()

@@ -177,7 +177,7 @@ def closing(report, storage_url: str, name: str) -> int:
     if not failed or "COMPLETE" in report.states.values():
         return 0
     try:
-        trials = {t.number: t for t in load_study(open_storage(storage_url), name).get_trials(deepcopy=False)}
+        trials = {t.number: t for t in load_study(open_storage(storage_url, create=False), name).get_trials(deepcopy=False)}
         reasons = Counter(str(trials[n].user_attrs.get("fail_reason") or "unknown") if n in trials else "unknown"
                           for n in failed)
     except TunerError:  # the storage went away: the count still stands
@@ -216,7 +216,7 @@ def print_leaderboard(storage_url: str, name: str) -> None:
     from .storage import open_storage
     from .study import load_study
 
-    study = load_study(open_storage(storage_url), name)
+    study = load_study(open_storage(storage_url, create=False), name)
     console.print(trials_table(study, title=f"leaderboard: {name}"))
     _print_fits(study)
     _print_verdict(study)
@@ -257,7 +257,7 @@ def cmd_status(args) -> int:
     from .storage import open_storage, promotions
     from .study import load_study
 
-    storage = open_storage(args.storage)
+    storage = open_storage(args.storage, create=False)
     study = load_study(storage, args.study)
     console.print(trials_table(study))
     _print_fits(study)
@@ -278,7 +278,7 @@ def cmd_best(args) -> int:
     from .storage import open_storage
     from .study import best_trial, load_study
 
-    study = load_study(open_storage(args.storage), args.study)
+    study = load_study(open_storage(args.storage, create=False), args.study)
     best = best_trial(study)
     if best is None:
         raise TunerError(f"study {study.study_name!r} has no COMPLETE trial yet")
@@ -299,7 +299,7 @@ def cmd_dashboard(args) -> int:
     from .dashboard import create
     from .storage import mask_url, open_storage
 
-    storage = open_storage(args.storage)
+    storage = open_storage(args.storage, create=False)
     board = create(storage, args.storage, host=args.host, port=args.port, artifacts_dir=args.artifacts)
     console.print(f"optuna-dashboard for {mask_url(args.storage)} ({len(board.studies)} studies)")
     console.print(board.store_note, soft_wrap=True, markup=False)
@@ -316,7 +316,7 @@ def cmd_report(args) -> int:
     from .storage import open_storage
     from .study import load_study
 
-    study = load_study(open_storage(args.storage), args.study)
+    study = load_study(open_storage(args.storage, create=False), args.study)
     store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
     console.print(artifacts.store_note([study], store_dir), soft_wrap=True, markup=False)
     try:
@@ -352,7 +352,7 @@ def cmd_promote(args) -> int:
     from .storage import open_storage
     from .study import load_study
 
-    storage = open_storage(args.storage)
+    storage = open_storage(args.storage, create=False)
     study = load_study(storage, args.study)
     store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
     console.print(artifacts.store_note([study], store_dir), soft_wrap=True, markup=False)
