@@ -632,3 +632,61 @@ def test_promote_to_a_folder_keeps_a_leftover_tmp_folder(tmp_path):
     with pytest.raises(PromoteError, match=r"\.dest\.tmp already exists"):
         publish_to_folder(adapter, "card", tmp_path / "dest")
     assert (leftover / "mine.txt").read_text() == "keep me" and not (tmp_path / "dest").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. The dashboard off loopback
+
+
+def _delete_study(board, study_id: int) -> int:
+    import threading
+    import urllib.error
+    import urllib.request
+
+    port = board.server.server_address[1]
+    thread = threading.Thread(target=board.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/studies/{study_id}", method="DELETE")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as res:
+                return res.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+    finally:
+        board.server.shutdown()
+        board.server.server_close()
+
+
+@pytest.mark.parametrize("host, writes, expected", [("0.0.0.0", None, 403), ("127.0.0.1", False, 403),
+                                                    ("127.0.0.1", None, 204)])
+def test_dashboard_is_read_only_off_loopback(tmp_path, host, writes, expected):
+    """Before: with --host 0.0.0.0 an anonymous `DELETE /api/studies/1` answered 204 and the study was gone."""
+    from tuner.dashboard import create
+    from tuner.storage import open_storage
+
+    url, study = _hand_made_study(tmp_path)
+    board = create(open_storage(url), url, host=host, port=0, writes=writes)
+    assert board.read_only == (expected == 403) and board.exposed == (host == "0.0.0.0")
+    assert _delete_study(board, study._study_id) == expected
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ([] if expected == 204 else ["s"])
+
+
+def test_dashboard_warns_when_bound_beyond_this_machine(tmp_path):
+    import subprocess
+
+    from conftest import tuner_cmd
+
+    url, _ = _hand_made_study(tmp_path)
+    proc = subprocess.Popen(tuner_cmd() + ["dashboard", "--host", "0.0.0.0", "--port", "0", "--storage", url],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("open http"):
+            break
+    proc.terminate()
+    seen.append(proc.communicate(timeout=60)[0])
+    text = " ".join("".join(seen).split())
+    assert "WARNING: listening on 0.0.0.0, not only on this machine" in text, text
+    assert "read-only (--allow-writes to permit changes)" in text

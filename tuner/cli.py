@@ -177,7 +177,8 @@ def closing(report, storage_url: str, name: str) -> int:
     if not failed or "COMPLETE" in report.states.values():
         return 0
     try:
-        trials = {t.number: t for t in load_study(open_storage(storage_url, create=False), name).get_trials(deepcopy=False)}
+        study = load_study(open_storage(storage_url, create=False), name)
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
         reasons = Counter(str(trials[n].user_attrs.get("fail_reason") or "unknown") if n in trials else "unknown"
                           for n in failed)
     except TunerError:  # the storage went away: the count still stands
@@ -300,8 +301,16 @@ def cmd_dashboard(args) -> int:
     from .storage import mask_url, open_storage
 
     storage = open_storage(args.storage, create=False)
-    board = create(storage, args.storage, host=args.host, port=args.port, artifacts_dir=args.artifacts)
+    board = create(storage, args.storage, host=args.host, port=args.port, artifacts_dir=args.artifacts,
+                   writes=args.writes)
     console.print(f"optuna-dashboard for {mask_url(args.storage)} ({len(board.studies)} studies)")
+    if board.exposed:
+        err_console.print(f"[bold yellow]WARNING:[/] listening on {args.host}, not only on this machine: anyone who "
+                          f"can reach the port sees every study, without a login"
+                          + ("; read-only (--allow-writes to permit changes)" if board.read_only else
+                             "; and can change or delete them (--allow-writes)"), soft_wrap=True, markup=True)
+    if board.read_only:
+        console.print("read-only: requests that would change a study are refused", markup=False)
     console.print(board.store_note, soft_wrap=True, markup=False)
     console.print(f"open {board.url}  (Ctrl-C to stop)", soft_wrap=True)
     sys.stdout.flush()
@@ -458,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=_int_between(0, 65535), default=8080,
                    help="port (default 8080; 0 picks a free one)")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    w = d.add_mutually_exclusive_group()
+    w.add_argument("--read-only", dest="writes", action="store_const", const=False, default=None,
+                   help="refuse every request that would change a study (the default off 127.0.0.1)")
+    w.add_argument("--allow-writes", dest="writes", action="store_const", const=True,
+                   help="permit changes (notes, tells, deletions) on any address")
     storage_arg(d)
     artifacts_arg(d)
     d.set_defaults(func=cmd_dashboard)

@@ -193,3 +193,22 @@ def fail_stale_trials(study: optuna.Study, grace_period: int) -> None:
         except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
             pass
     optuna.storages.fail_stale_trials(study)
+
+
+STORAGE_WAITS = (1.0, 3.0)  # seconds between the attempts of a write that must not be lost
+
+
+def with_retries(write, waits: tuple[float, ...] = STORAGE_WAITS):
+    """`write()`, tried again after each wait while the storage fails (a dropped connection, a locked SQLite file).
+    A trial that is already finished is not an error to retry. The last failure is raised for the caller to say."""
+    import time
+
+    for wait in (*waits, None):
+        try:
+            return write()
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise
+        except Exception:
+            if wait is None:
+                raise
+            time.sleep(wait)

@@ -35,7 +35,7 @@ from .prepare import prepare
 from .runtime import BaseCache, Heartbeat, NullReporter, Reporter, Stopper, release_memory
 from .space import TrialParams, sample
 from .study import (ask, fail_stale_trials, frozen, frozen_by_number, open_study, pop_waiting, running_elsewhere,
-                    tell, trial_id)
+                    tell, trial_id, with_retries)
 from .train import TrialRun
 
 
@@ -372,18 +372,32 @@ class Worker:
         """Mark the trial FAIL with its reason, and (for interruptions) enqueue a retry with the same parameters,
         which will resume from the trial's latest checkpoint. Never leaves it RUNNING."""
         trial = got.trial
-        try:
+
+        def mark() -> bool:
             if frozen(self.study, trial_id(trial)).state != TrialState.RUNNING:
-                return  # already told (the training loop's own bookkeeping ran first)
+                return False  # already told (the training loop's own bookkeeping ran first)
             trial.set_user_attr("fail_reason", reason)
             trial.set_user_attr("fail_detail", detail[-2000:])
             if step is not None:
                 trial.set_user_attr("checkpoint_step", step)
             tell(self.study, trial, state=TrialState.FAIL, skip_if_finished=True)
-            if retry:
-                self.retry(self.study, frozen(self.study, trial_id(trial)))
-        except Exception:  # storage unreachable while stopping: the heartbeat grace period will fail it instead
-            pass
+            return True
+
+        try:
+            told = with_retries(mark)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return
+        except Exception as exc:  # said, not swallowed: the trial stays RUNNING until its heartbeat goes stale
+            self.reporter.warning(f"trial {trial.number}: could not hand it back to the storage ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}); after {self.cfg.study.grace_period} s without a heartbeat "
+                                  f"another worker fails and retries it")
+            return
+        if told and retry:
+            try:
+                with_retries(lambda: self.retry(self.study, frozen(self.study, trial_id(trial))))
+            except Exception as exc:
+                self.reporter.warning(f"trial {trial.number}: FAIL recorded, but its retry could not be queued "
+                                      f"({type(exc).__name__}: {str(exc)[:200]}); enqueue it again by hand")
 
 
 def run_worker(cfg: SweepConfig, opts: WorkerOptions, reporter: Reporter | None = None) -> WorkerReport:
