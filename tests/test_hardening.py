@@ -690,3 +690,27 @@ def test_dashboard_warns_when_bound_beyond_this_machine(tmp_path):
     text = " ".join("".join(seen).split())
     assert "WARNING: listening on 0.0.0.0, not only on this machine" in text, text
     assert "read-only (--allow-writes to permit changes)" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. A trial's artifacts are all there or none
+
+
+def test_an_upload_that_fails_part_way_leaves_no_artifact_behind(tmp_path):
+    """Before: the predictions and chart stayed in the store when the adapter's upload failed after them."""
+    from tuner import artifacts
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="s", storage=url)
+    trial = study.ask()
+    store = artifacts.open_store(tmp_path / "artifacts")
+    (tmp_path / "p.csv").write_text("row_id\n1\n")
+    (tmp_path / "c.png").write_bytes(b"png")
+    files = {artifacts.PREDICTIONS_ATTR: (tmp_path / "p.csv", "text/csv"),
+             artifacts.SCATTER_ATTR: (tmp_path / "c.png", "image/png"),
+             artifacts.ADAPTER_ATTR: (tmp_path / "missing.zip", "application/zip")}  # fails, third
+    with pytest.raises(FileNotFoundError):
+        artifacts.upload_all(store, trial, files)
+    assert list((tmp_path / "artifacts").iterdir()) == []
+    ids = artifacts.upload_all(store, trial, dict(list(files.items())[:2]))
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == sorted(ids.values())

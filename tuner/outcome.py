@@ -165,10 +165,16 @@ class TrialOutcome:
         adapter_dir = run.run_dir / "adapter"
         lora.save_adapter(run.adapter, adapter_dir, self.base.resolved.name, self.base.resolved.revision)
         info = self._adapter_info()
-        attrs.update(artifacts.save_trial_artifacts(self.trial, ctx.study, ctx.store_dir, adapter_dir, info, test,
-                                                    res.predictions, metrics))
-        attrs.update(artifacts.save_checkpoints_artifact(self.trial, ctx.store_dir,
-                                                         checkpoints.adapters(run.checkpoint_root), info))
+        saved = artifacts.save_trial_artifacts(self.trial, ctx.study, ctx.store_dir, adapter_dir, info, test,
+                                               res.predictions, metrics)
+        try:
+            saved.update(artifacts.save_checkpoints_artifact(self.trial, ctx.store_dir,
+                                                             checkpoints.adapters(run.checkpoint_root), info))
+        except BaseException:  # all of a trial's artifacts or none: the three above go too
+            artifacts.remove_all(artifacts.open_store(ctx.store_dir), [v for k, v in saved.items()
+                                                                       if k.endswith("_artifact_id")])
+            raise
+        attrs.update(saved)
         attrs.update(metrics)
         attrs["adapter_path"] = str(adapter_dir.resolve())
         self.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
