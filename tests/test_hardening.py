@@ -281,3 +281,436 @@ def test_workers_get_the_storage_url_in_their_environment_not_argv():
                               force=False, artifacts=None)
     assert not any(PASSWORD in part for part in worker_command(args, 0))
     assert worker_env(0, 2, None, url)["TUNER_STORAGE"] == url
+
+
+HF_SECRET = "hf_SECRETtunerTOKEN0123456789abcdef"
+WANDB_SECRET = "wandbSECRET0123456789abcdef0123456789ab"  # 40 characters, as W&B's keys
+
+
+def test_no_secret_in_anything_tuner_writes_or_shows(tmp_path, pg_url):
+    """With HF_TOKEN, WANDB_API_KEY and a storage password set, every command runs, and neither the database, the
+    files written (runs, W&B offline files, artifacts, report, card), stdout, stderr nor any process's command line
+    holds one of them."""
+    import subprocess
+    import time
+
+    import psutil
+    import psycopg
+
+    from conftest import tuner_cmd
+
+    url = pg_url.replace("postgresql://postgres@", f"postgresql://postgres:{PASSWORD}@")  # trust auth ignores it
+    env = {**os.environ, "HF_TOKEN": HF_SECRET, "WANDB_API_KEY": WANDB_SECRET, "TUNER_STORAGE": url}
+    sweep = tiny_sweep(tmp_path, name="sec", trials=2, train_rows=8, test_rows=8, wandb="offline")
+    shown, argv = [], []
+    with open(tmp_path / "run.out", "w") as out:
+        proc = subprocess.Popen(tuner_cmd() + ["run", str(sweep), "--workers", "2"], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+        launcher = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                for p in [launcher, *launcher.children(recursive=True)]:
+                    argv.append(" ".join(p.cmdline()))
+            except psutil.Error:
+                pass
+            time.sleep(0.3)
+    shown.append((tmp_path / "run.out").read_text())
+    assert proc.returncode == 0, shown[-1]
+    assert any("--workers 1" in a for a in argv)  # the children were seen
+    commands = [["status", "sec"], ["best", "sec"], ["report", "sec", "--out", str(tmp_path / "report")],
+                ["promote", "sec", "--to", str(tmp_path / "promoted")], ["data", str(sweep)]]
+    for args in commands:
+        res = subprocess.run(tuner_cmd() + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        shown.append(res.stdout + res.stderr)
+    board = subprocess.Popen(tuner_cmd() + ["dashboard", "--port", "0"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in board.stdout:
+        shown.append(line)
+        if line.startswith("open http"):
+            break
+    board.terminate()
+    shown.append(board.communicate(timeout=60)[0])
+
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "README.md" for p in written) and any("wandb" in p.parts for p in written)
+    with psycopg.connect(pg_url) as con:
+        tables = [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables "
+                                            "WHERE table_schema = 'public'")]
+        database = [str(row) for t in tables for row in con.execute(f'SELECT CAST(x AS text) FROM "{t}" x')]
+    assert any("sec" in row for row in database)
+    for secret in (PASSWORD, HF_SECRET, WANDB_SECRET):
+        assert not [s for s in shown if secret in s], secret
+        assert not [a for a in argv if secret in a], secret
+        assert not [row for row in database if secret in row], secret
+        assert not [p for p in written if secret.encode() in p.read_bytes()], secret
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9, 10. Inputs that passed validation but burnt the budget, or crashed
+
+
+def _refused(tmp_path: Path, text: str | bytes, key: str | None, *needles: str) -> str:
+    """load_config on this file raises a ConfigError naming `key`, in one line."""
+    from tuner.config import load_config
+    from tuner.errors import ConfigError
+
+    path = tmp_path / "sweep.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert len(msg.splitlines()) == 1 and len(msg) < 400, msg
+    assert (f"{path}: {key}: expected" if key else f"{path}: expected") in msg, msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("text, key, needle", [
+    ("search: {alpha: .inf}", "search.alpha", "finite alpha"),
+    ("search: {learning_rate: {low: 1.0e-4, high: 1.0e-3, step: 0}}", "search.learning_rate.step", "> 0"),
+    ("search: {learning_rate: {low: 1.0e-4, high: 1.0e-3, step: abc}}", "search.learning_rate.step", "> 0"),
+    ("search: {learning_rate: {low: 1.0e-4, high: 1.0e-3, log: true, step: 1.0e-4}}", "search.learning_rate.step",
+     "no step on a log range"),
+    ("study: {heartbeat_interval: 60, grace_period: 100}", "study.grace_period", "twice study.heartbeat_interval"),
+    ("study: {heartbeat_interval: 1000000000000}", "study.heartbeat_interval", "<= 3600"),
+    ("train: {max_length: 100000000000}", "train.max_length", "from 16 to 1,048,576"),
+    ("study: {trials: 100000000000000000000}", "study.trials", "<= 100000"),
+    ('search: {learning_rate: {low: 1.0e-4, high: 1.0e-3, log: "false"}}', "search.learning_rate.log",
+     "true or false"),
+    ("study: {name: a}\nstudy: {name: b}\n", None, "key 'study' is given twice"),
+    ("train:\n  seed: 1\n  seed: 2\n", None, "key 'seed' is given twice"),
+    ("", None, "the file is empty"),
+    ("# only a comment\n", None, "the file is empty"),
+])
+def test_inputs_that_would_burn_the_budget_are_refused(tmp_path, text, key, needle):
+    _refused(tmp_path, text, key, needle)
+
+
+def test_a_corrected_step_is_another_study():
+    """Before: the signature left `step` out, so a corrected re-run counted as the same study."""
+    from tuner.config import parse_config
+    from tuner.space import space_signature
+
+    base = {"search": {"learning_rate": {"low": 1.0e-4, "high": 1.0e-3}}}
+    stepped = {"search": {"learning_rate": {"low": 1.0e-4, "high": 1.0e-3, "step": 1.0e-4}}}
+    assert space_signature(parse_config(base)) != space_signature(parse_config(stepped))
+    assert "step" not in space_signature(parse_config(base))["learning_rate"]  # old signatures are unchanged
+
+
+BOMB = b"""a: &a [x, x, x, x, x, x, x, x, x]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+@pytest.mark.parametrize("text, key, needle", [
+    ("study: {name: caf\xe9}\n".encode("latin-1"), None, "UTF-8 text (byte 17 on line 1"),
+    (b"1: 2\n", "(top level)", "names as keys"),
+    (b"study: {1: 2}\n", "study", "names as keys"),
+    (b"source_file: /etc/passwd\n", "source_file", "unknown key"),
+    (BOMB, None, "aliases (*name) are not allowed"),
+    (b"study: {name: x}\n# " + b"x" * (3 * 1024 * 1024) + b"\n", None, "at most 256 KiB"),
+    (b"[" * 20000 + b"]" * 20000, None, "valid YAML"),
+])
+def test_inputs_that_crashed_are_one_line_errors(tmp_path, text, key, needle):
+    """Before: UnicodeDecodeError, TypeError (twice), a MemoryError or a hang, 39 s and 1.6 GB, RecursionError."""
+    import time
+
+    t0 = time.time()
+    _refused(tmp_path, text, key, needle)
+    assert time.time() - t0 < 5
+
+
+def test_cli_budget_and_storage_inputs_exit_2_before_any_model_loads(tmp_path):
+    """--trials 0 and -3 (before: the file's budget, or "budget -3 trials" and a model load), an empty sweep file
+    (before: a full default study) and a read-only SQLite file (before: "exceeding max length")."""
+    import subprocess
+
+    sweep = tiny_sweep(tmp_path, trials=1)
+    url = f"sqlite:///{tmp_path}/s.db"
+    for trials in ("0", "-3"):
+        res = tuner(["run", str(sweep), "--storage", url, "--trials", trials], tmp_path, timeout=120)
+        assert res.returncode == 2 and "expected an integer from 1 to 100000" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and not (tmp_path / "s.db").exists()
+    (tmp_path / "empty.yaml").write_text("")
+    _one_line_error(tuner(["run", str(tmp_path / "empty.yaml"), "--storage", url], tmp_path), "the file is empty")
+    assert not (tmp_path / "s.db").exists()
+
+    ro = tmp_path / "ro.db"
+    sqlite3.connect(ro).execute("CREATE TABLE t (x)").connection.commit()
+    if subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i (a file even root cannot write) is not available here")
+    try:
+        res = tuner(["run", str(sweep), "--storage", f"sqlite:///{ro}"], tmp_path, timeout=300)
+    finally:
+        subprocess.run(["chattr", "-i", str(ro)], check=True)
+    _one_line_error(res, "cannot write this SQLite file")
+
+
+def test_dry_run_checks_and_says_what_would_run_and_creates_nothing(tmp_path):
+    sweep = tiny_sweep(tmp_path, name="dry", trials=3)
+    res = tuner(["run", str(sweep), "--dry-run", "--storage", f"sqlite:///{tmp_path}/s.db"], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "dry run: study dry" in res.stdout and "budget 3 trials" in res.stdout and "learning_rate" in res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fuzz: every sweep file and command line ends in exit 0 or 2 with one-line errors, quickly
+
+
+def _fuzz_values():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-10**25, max_value=10**25),
+                        st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                        st.sampled_from(["auto", "true", "false", "1e-4", "abc", "../x", "builtin:diamonds",
+                                         "attention", "cosine", "tpe", "hyperband", "offline", "x.csv", "[/]"]))
+    keys = st.sampled_from(["study", "model", "data", "search", "train", "scoring", "tracking", "name", "trials",
+                            "r", "alpha", "dropout", "learning_rate", "low", "high", "log", "step", "choices",
+                            "min", "max", "ratio", "max_length", "epochs", "batch_size", "heartbeat_interval",
+                            "grace_period", "sampler", "pruner", "type", "seed", "eval_every", "source",
+                            "quant_bits", "target_modules", "wandb", "mode", "hub", "unknown", "source_file"])
+    return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                         st.dictionaries(keys, inner, max_size=5)), max_leaves=25)
+
+
+def test_fuzz_sweep_files_end_in_a_config_or_a_one_line_error(tmp_path):
+    """Generated sweep files (structured YAML and raw bytes) against the validator; each accepted config must also
+    sample a trial and make a signature. Bounded: 300 examples (about 10 s of CPU)."""
+    import yaml
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tuner.config import load_config
+    from tuner.errors import TunerError
+    from tuner.space import sample, space_signature
+
+    path = tmp_path / "fuzz.yaml"
+
+    def check(raw: bytes) -> None:
+        path.write_bytes(raw)
+        try:
+            cfg = load_config(path)
+        except TunerError as exc:
+            lines = str(exc).splitlines()
+            assert lines and all(len(line) < 600 for line in lines), str(exc)[:2000]
+            return
+        space_signature(cfg)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        sample(study.ask(), cfg, None, {k: 182 for k in cfg.model.keys()})
+
+    sections = st.fixed_dictionaries({}, optional={k: _fuzz_values() for k in
+                                                   ("study", "model", "data", "search", "train", "tracking")})
+
+    @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(sections, _fuzz_values()))
+    def structured(data):
+        check(yaml.safe_dump(data, allow_unicode=True).encode())
+
+    @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.binary(max_size=300) | st.text(alphabet="{}[]:,&*!|>-'\"# \n\tab1.e", max_size=120).map(str.encode))
+    def raw(data):
+        check(data)
+
+    structured()
+    raw()
+
+
+def test_fuzz_command_lines_exit_0_or_2_without_a_traceback(tmp_path):
+    """`tuner run --dry-run` with generated arguments, in process (a subprocess each would take minutes): every one
+    ends in exit 0 or 2, never an exception."""
+    import contextlib
+    import io
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tuner.cli import main
+
+    sweep = tiny_sweep(tmp_path, trials=2)
+    flags = st.sampled_from(["--trials", "--timeout", "--study", "--storage", "--workers", "--artifacts", "--device"])
+    values = st.one_of(st.sampled_from(["0", "-3", "1", "1e20", "99999999999999999999", "abc", "../x", "", "90s",
+                                        "-1m", "postgresql://:pw@h/db", "postgresql://u:p@h:port/db", "sqlite://",
+                                        "x" * 600, "[/]", "nan", "inf"]), st.text(max_size=10))
+    args = st.lists(st.tuples(flags, values), max_size=4)
+
+    # No per-example deadline: the machine is shared; the whole test is bounded by its example count.
+    @settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(args)
+    def run(pairs):
+        argv = ["run", str(sweep), "--dry-run"] + [x for pair in pairs for x in pair]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code
+        assert code in (0, 2), (argv, out.getvalue(), err.getvalue())
+        assert "Traceback" not in out.getvalue() + err.getvalue()
+        if any(flag == "--storage" for flag, _ in pairs):
+            assert "pw@" not in out.getvalue() + err.getvalue()
+
+    run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 12. Exit codes tell the truth
+
+
+def test_a_run_whose_trials_all_failed_exits_1_with_the_reasons_counted(tmp_path):
+    """Before: `tuner run` exited 0 whatever became of its trials. Two real trials fail (an out-of-memory error
+    injected at every attempt); the run's closing lines count them by reason and the exit code is 1."""
+    import contextlib
+    import io
+
+    from tuner import cli
+    from tuner.config import load_config
+    from tuner.loop import Faults
+    from tuner.worker import WorkerOptions, run_worker
+
+    sweep = tiny_sweep(tmp_path, name="allfail", trials=2, wandb="disabled")
+    url = f"sqlite:///{tmp_path}/s.db"
+    report = run_worker(load_config(sweep), WorkerOptions(storage_url=url, faults=Faults(oom_at_step=1,
+                                                                                          oom_always=True)))
+    assert report.states == {0: "FAIL", 1: "FAIL"}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.closing(report, url, "allfail")
+    assert code == 1 and "this worker completed no trial; 2 failed: oom x2" in out.getvalue()
+    report.states[2] = "COMPLETE"  # one completed trial makes it a run that did its work
+    assert cli.closing(report, url, "allfail") == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 13. Smaller defects
+
+
+def test_a_jsonl_price_of_true_is_not_a_dollar(tmp_path):
+    """Before: pandas read `true` in a column of numbers as 1.0, a $1 item."""
+    import json
+
+    from tuner.config import DataSpec
+    from tuner.data import load_splits
+
+    rows = [{"text": f"item {i}", "price": 10 + i} for i in range(30)] + [{"text": "a flag", "price": True}]
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    splits = load_splits(DataSpec(source=str(path), train_rows=20, val_rows=5, test_rows=5))
+    assert splits.skipped == {"non_numeric_price": 1}
+    assert all(e.price >= 10 for e in splits.train + splits.val + splits.test)
+
+
+def test_readers_create_no_storage(tmp_path):
+    """Before: `tuner status` on a mistyped SQLite path created its folders and an empty database."""
+    for args in (["status", "s"], ["best", "s"], ["report", "s"], ["dashboard", "--port", "0"],
+                 ["promote", "s", "--to", str(tmp_path / "out")]):
+        res = tuner(args + ["--storage", f"sqlite:///{tmp_path}/typo/dir/studies.db"], tmp_path)
+        _one_line_error(res, "no such SQLite file", "nothing was created")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_promote_to_a_folder_keeps_a_leftover_tmp_folder(tmp_path):
+    """Before: `promote --to DEST` silently deleted an existing `.DEST.tmp`."""
+    from tuner.promote import PromoteError, publish_to_folder
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    leftover = tmp_path / ".dest.tmp"
+    leftover.mkdir()
+    (leftover / "mine.txt").write_text("keep me")
+    with pytest.raises(PromoteError, match=r"\.dest\.tmp already exists"):
+        publish_to_folder(adapter, "card", tmp_path / "dest")
+    assert (leftover / "mine.txt").read_text() == "keep me" and not (tmp_path / "dest").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. The dashboard off loopback
+
+
+def _delete_study(board, study_id: int) -> int:
+    import threading
+    import urllib.error
+    import urllib.request
+
+    port = board.server.server_address[1]
+    thread = threading.Thread(target=board.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/studies/{study_id}", method="DELETE")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as res:
+                return res.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+    finally:
+        board.server.shutdown()
+        board.server.server_close()
+
+
+@pytest.mark.parametrize("host, writes, expected", [("0.0.0.0", None, 403), ("127.0.0.1", False, 403),
+                                                    ("127.0.0.1", None, 204)])
+def test_dashboard_is_read_only_off_loopback(tmp_path, host, writes, expected):
+    """Before: with --host 0.0.0.0 an anonymous `DELETE /api/studies/1` answered 204 and the study was gone."""
+    from tuner.dashboard import create
+    from tuner.storage import open_storage
+
+    url, study = _hand_made_study(tmp_path)
+    board = create(open_storage(url), url, host=host, port=0, writes=writes)
+    assert board.read_only == (expected == 403) and board.exposed == (host == "0.0.0.0")
+    assert _delete_study(board, study._study_id) == expected
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ([] if expected == 204 else ["s"])
+
+
+def test_dashboard_warns_when_bound_beyond_this_machine(tmp_path):
+    import subprocess
+
+    from conftest import tuner_cmd
+
+    url, _ = _hand_made_study(tmp_path)
+    proc = subprocess.Popen(tuner_cmd() + ["dashboard", "--host", "0.0.0.0", "--port", "0", "--storage", url],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # the warning (stderr, unbuffered) comes before the URL (stdout, flushed with it)
+        seen.append(line)
+        if line.startswith("open http"):
+            break
+    proc.kill()  # its clean stop on SIGTERM is the dashboard fixture's test (test_dashboard.py)
+    proc.wait(timeout=60)
+    text = " ".join("".join(seen).split())
+    assert "WARNING: listening on 0.0.0.0, not only on this machine" in text, text
+    assert "read-only (--allow-writes to permit changes)" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. A trial's artifacts are all there or none
+
+
+def test_an_upload_that_fails_part_way_leaves_no_artifact_behind(tmp_path):
+    """Before: the predictions and chart stayed in the store when the adapter's upload failed after them."""
+    from tuner import artifacts
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="s", storage=url)
+    trial = study.ask()
+    store = artifacts.open_store(tmp_path / "artifacts")
+    (tmp_path / "p.csv").write_text("row_id\n1\n")
+    (tmp_path / "c.png").write_bytes(b"png")
+    files = {artifacts.PREDICTIONS_ATTR: (tmp_path / "p.csv", "text/csv"),
+             artifacts.SCATTER_ATTR: (tmp_path / "c.png", "image/png"),
+             artifacts.ADAPTER_ATTR: (tmp_path / "missing.zip", "application/zip")}  # fails, third
+    with pytest.raises(FileNotFoundError):
+        artifacts.upload_all(store, trial, files)
+    assert list((tmp_path / "artifacts").iterdir()) == []
+    ids = artifacts.upload_all(store, trial, dict(list(files.items())[:2]))
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == sorted(ids.values())

@@ -62,8 +62,10 @@ def test_sigkill_mid_trial_then_another_worker_resumes_it(tmp_path):
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
     assert states.count(TrialState.COMPLETE) == 2  # the budget, with the retry counted once
     assert trials[0].state == TrialState.FAIL
+    assert trials[0].user_attrs["fail_reason"] == "worker_lost"  # #15: a SIGKILLed trial says why it failed
     retry = next(t for t in trials if t.user_attrs.get("retry_of") == 0)
     assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
+    assert retry.user_attrs["fail_reason"] is None and retry.user_attrs["retry_reason"] == "worker_lost"
     resumed = retry.user_attrs["resumed_from_step"]
     assert resumed >= int(ckpt.name.removeprefix("step-")) > 0
     assert retry.user_attrs["steps"] == 8 and retry.user_attrs["mae"] > 0
@@ -93,6 +95,8 @@ def test_sigint_checkpoints_exits_cleanly_and_resumes(tmp_path):
     trials = _trials(url, "int")
     retry = trials[1]
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_of"] == 0
+    # #15: a retry that completes is not `interrupted`; why it was retried is kept apart
+    assert retry.user_attrs["fail_reason"] is None and retry.user_attrs["retry_reason"] == "interrupted"
     assert retry.user_attrs["resumed_from_step"] == step
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
     print(f"\nSIGINT/resume: checkpoint at step {step}; retry resumed from step {retry.user_attrs['resumed_from_step']}")

@@ -322,12 +322,35 @@ def save_trial_artifacts(trial: optuna.Trial, study: optuna.Study, store_dir: Pa
                                        tmp / f"trial-{n}-scatter.png"), "image/png"),
             ADAPTER_ATTR: (zip_folder(adapter_dir, tmp / f"trial-{n}-adapter.zip"), "application/zip"),
         }
-        ids = {attr: optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial,
-                                                      mimetype=mime)
-               for attr, (path, mime) in files.items()}
+        ids = upload_all(store, trial, files)
     if study.user_attrs.get(STORE_ATTR) != str(store_dir):
         study.set_user_attr(STORE_ATTR, str(store_dir))
     return ids
+
+
+def upload_all(store, trial: optuna.Trial, files: dict[str, tuple[Path, str]]) -> dict[str, str]:
+    """Upload every file, or none: a failure part-way removes what this call already put in the store, so that a
+    trial never leaves some of its artifacts behind (their ids are recorded only once all are there)."""
+    ids: dict[str, str] = {}
+    try:
+        for attr, (path, mime) in files.items():
+            ids[attr] = optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(path),
+                                                         study_or_trial=trial, mimetype=mime)
+    except BaseException:
+        remove_all(store, ids.values())
+        raise
+    return ids
+
+
+def remove_all(store, ids) -> None:
+    """Remove these artifacts' files from the store; one already gone is no error."""
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    for aid in ids:
+        try:
+            store.remove(aid)
+        except (ArtifactNotFound, OSError):
+            pass
 
 
 def artifact_id(trial: optuna.trial.FrozenTrial, attr: str) -> str:
@@ -391,8 +414,7 @@ def save_checkpoints_artifact(trial: optuna.Trial, store_dir: Path, adapters: di
             shutil.copytree(folder, dest)
             info.model_copy(update={"checkpoint_step": step}).write(dest)
         archive = zip_folder(staged, Path(tmp) / f"trial-{trial.number}-checkpoints.zip")
-        aid = optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(archive), study_or_trial=trial,
-                                               mimetype="application/zip")
+        aid = upload_all(store, trial, {CHECKPOINTS_ATTR: (archive, "application/zip")})[CHECKPOINTS_ATTR]
     return {CHECKPOINTS_ATTR: aid, CHECKPOINT_STEPS_ATTR: sorted(adapters)}
 
 

@@ -29,7 +29,8 @@ def _int_between(lo: int, hi: int):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {text!r}") from None
+            # Not echoed: a value given to the wrong flag may be a URL with a password.
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}") from None
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {value}")
         return value
@@ -136,6 +137,8 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.sweep, args.set)
     check_study_name(args.study)
+    if args.dry_run:
+        return _dry_run(cfg, args)
     if args.workers and args.workers > 1:
         from .launch import launch_workers
 
@@ -156,9 +159,57 @@ def cmd_run(args) -> int:
     console.print(f"this worker ran {len(report.ran)} trial(s) in {fmt.secs(time.time() - t0)}")
     if not os.environ.get("TUNER_PLAIN_OUTPUT"):  # launched by --workers: the launcher prints the leaderboard
         print_leaderboard(args.storage, name)
+    return closing(report, args.storage, name)
+
+
+def closing(report, storage_url: str, name: str) -> int:
+    """The run's exit code, said in its last lines: 130 after a signal; 1 when this worker completed no trial and
+    at least one of its trials failed (with the failures counted by reason); else 0."""
+    from collections import Counter
+
+    from .storage import open_storage
+    from .study import load_study
+
     if report.interrupted:
         console.print("[yellow]stopped by a signal; run the same command again to resume[/yellow]")
         return 130
+    failed = sorted(n for n, state in report.states.items() if state == "FAIL")
+    if not failed or "COMPLETE" in report.states.values():
+        return 0
+    try:
+        study = load_study(open_storage(storage_url, create=False), name)
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        reasons = Counter(str(trials[n].user_attrs.get("fail_reason") or "unknown") if n in trials else "unknown"
+                          for n in failed)
+    except TunerError:  # the storage went away: the count still stands
+        reasons = Counter({"unknown (storage unreachable)": len(failed)})
+    counted = ", ".join(f"{reason} x{count}" for reason, count in reasons.most_common())
+    console.print(f"[red]this worker completed no trial; {len(failed)} failed: {counted}[/red]", soft_wrap=True)
+    return 1
+
+
+def _dry_run(cfg, args) -> int:
+    """`tuner run --dry-run`: the sweep file, the study name, the storage URL, the model and data names checked, and
+    what a run would do printed; nothing is loaded, connected to or created."""
+    from .space import space_signature
+    from .storage import mask_url, parse_url
+
+    parse_url(args.storage)
+    name = args.study or cfg.study.name
+    budget = args.trials or cfg.study.trials
+    console.print(f"dry run: study {name} in {mask_url(args.storage)}; budget {budget} trials; "
+                  f"{args.workers} worker(s); sweep {args.sweep}", markup=False, soft_wrap=True)
+    console.print(f"model: {cfg.model.name}; data: {cfg.data.source} ({cfg.data.train_rows} train, "
+                  f"{cfg.data.val_rows} validation, {cfg.data.test_rows} test rows); objective {cfg.study.objective} "
+                  f"({cfg.study.direction}); sampler {cfg.study.sampler.type}; pruner {cfg.study.pruner.type}",
+                  markup=False, soft_wrap=True)
+    sig = space_signature(cfg)
+    for key in ("r", "alpha", "target_modules", "dropout", "quant_bits", "learning_rate"):
+        if key in sig:
+            console.print(f"  {key}: {sig[key]}", markup=False, soft_wrap=True)
+    for key, value in sig["train"].items():
+        console.print(f"  train.{key}: {value}", markup=False, soft_wrap=True)
+    console.print("nothing was loaded, connected to or created", markup=False)
     return 0
 
 
@@ -166,7 +217,7 @@ def print_leaderboard(storage_url: str, name: str) -> None:
     from .storage import open_storage
     from .study import load_study
 
-    study = load_study(open_storage(storage_url), name)
+    study = load_study(open_storage(storage_url, create=False), name)
     console.print(trials_table(study, title=f"leaderboard: {name}"))
     _print_fits(study)
     _print_verdict(study)
@@ -207,7 +258,7 @@ def cmd_status(args) -> int:
     from .storage import open_storage, promotions
     from .study import load_study
 
-    storage = open_storage(args.storage)
+    storage = open_storage(args.storage, create=False)
     study = load_study(storage, args.study)
     promos = promotions(storage.engine, study.study_name)
     if args.format != "table":
@@ -244,7 +295,7 @@ def cmd_best(args) -> int:
     from .storage import open_storage
     from .study import best_trial, load_study
 
-    study = load_study(open_storage(args.storage), args.study)
+    study = load_study(open_storage(args.storage, create=False), args.study)
     best = best_trial(study)
     if best is None:
         raise TunerError(f"study {study.study_name!r} has no COMPLETE trial yet")
@@ -274,9 +325,17 @@ def cmd_dashboard(args) -> int:
     from .dashboard import create
     from .storage import mask_url, open_storage
 
-    storage = open_storage(args.storage)
-    board = create(storage, args.storage, host=args.host, port=args.port, artifacts_dir=args.artifacts)
+    storage = open_storage(args.storage, create=False)
+    board = create(storage, args.storage, host=args.host, port=args.port, artifacts_dir=args.artifacts,
+                   writes=args.writes)
     console.print(f"optuna-dashboard for {mask_url(args.storage)} ({len(board.studies)} studies)")
+    if board.exposed:
+        err_console.print(f"[bold yellow]WARNING:[/] listening on {args.host}, not only on this machine: anyone who "
+                          f"can reach the port sees every study, without a login"
+                          + ("; read-only (--allow-writes to permit changes)" if board.read_only else
+                             "; and can change or delete them (--allow-writes)"), soft_wrap=True, markup=True)
+    if board.read_only:
+        console.print("read-only: requests that would change a study are refused", markup=False)
     console.print(board.store_note, soft_wrap=True, markup=False)
     console.print(f"open {board.url}  (Ctrl-C to stop)", soft_wrap=True)
     sys.stdout.flush()
@@ -291,7 +350,7 @@ def cmd_report(args) -> int:
     from .storage import open_storage
     from .study import load_study
 
-    study = load_study(open_storage(args.storage), args.study)
+    study = load_study(open_storage(args.storage, create=False), args.study)
     store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
     console.print(artifacts.store_note([study], store_dir), soft_wrap=True, markup=False)
     try:
@@ -335,7 +394,7 @@ def cmd_promote(args) -> int:
     from .storage import open_storage
     from .study import load_study
 
-    storage = open_storage(args.storage)
+    storage = open_storage(args.storage, create=False)
     study = load_study(storage, args.study)
     store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
     console.print(artifacts.store_note([study], store_dir), soft_wrap=True, markup=False)
@@ -460,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--study", help="study name (overrides the sweep file)")
     r.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     r.add_argument("--force", action="store_true", help="run even if the study's search space differs")
+    r.add_argument("--dry-run", action="store_true", help="check the sweep file, names and storage URL and say what "
+                                                           "would run; load, connect to and create nothing")
     r.add_argument("--workers", type=_int_between(1, 256), default=1, help="worker processes on this machine")
     r.add_argument("--gpus", help="comma-separated GPU ids; workers are pinned round-robin")
     r.add_argument("--artifacts", help="artifact store folder (default: the sweep's study.artifacts, else "
@@ -494,6 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=_int_between(0, 65535), default=8080,
                    help="port (default 8080; 0 picks a free one)")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    w = d.add_mutually_exclusive_group()
+    w.add_argument("--read-only", dest="writes", action="store_const", const=False, default=None,
+                   help="refuse every request that would change a study (the default off 127.0.0.1)")
+    w.add_argument("--allow-writes", dest="writes", action="store_const", const=True,
+                   help="permit changes (notes, tells, deletions) on any address")
     storage_arg(d)
     artifacts_arg(d)
     d.set_defaults(func=cmd_dashboard)

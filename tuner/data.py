@@ -110,7 +110,8 @@ def _read_source(spec: DataSpec, split: str | None = None) -> pd.DataFrame:
             if src.endswith(".csv"):
                 df = pd.read_csv(path)
             elif src.endswith((".jsonl", ".json")):
-                df = pd.read_json(path, lines=src.endswith(".jsonl"))
+                # dtype=False: pandas would read `true` in a column of numbers as 1.0, a price of $1.
+                df = pd.read_json(path, lines=src.endswith(".jsonl"), dtype=False)
             else:
                 df = pd.read_parquet(path)
         except Exception as exc:

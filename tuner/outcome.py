@@ -23,7 +23,7 @@ from .errors import Interrupted, TrialFailure
 from .runtime import Reporter, memory_attrs
 from .scoring import PriceScorer, price_metrics
 from .space import TrialParams
-from .study import baselines, tell
+from .study import baselines, tell, with_retries
 from .tracking import TrialTracker
 from .train import Evaluation, TrialRun
 
@@ -140,11 +140,19 @@ class TrialOutcome:
             self.state = end(run, attrs)
         except Exception as exc:
             attrs.update(fail_reason="finalize_error", fail_detail=f"{type(exc).__name__}: {exc}")
-            try:
+
+            def record() -> None:
                 self._set_attrs(attrs)
                 tell(self.ctx.study, self.trial, state=TrialState.FAIL, skip_if_finished=True)
-            except Exception:
+
+            try:
+                with_retries(record)
+            except optuna.exceptions.UpdateFinishedTrialError:
                 pass
+            except Exception as store_exc:  # said, not swallowed: its heartbeat going stale fails it later
+                self.ctx.reporter.warning(f"trial {self.trial.number}: could not record its failure in the storage "
+                                          f"({type(store_exc).__name__}: {str(store_exc)[:200]}); it stays RUNNING "
+                                          f"until its heartbeat goes stale")
             self.state = "FAIL"
         self.ctx.reporter.trial_ended(self.trial.number, self.state, attrs)
 
@@ -158,10 +166,16 @@ class TrialOutcome:
         adapter_dir = run.run_dir / "adapter"
         lora.save_adapter(run.adapter, adapter_dir, self.base.resolved.name, self.base.resolved.revision)
         info = self._adapter_info()
-        attrs.update(artifacts.save_trial_artifacts(self.trial, ctx.study, ctx.store_dir, adapter_dir, info, test,
-                                                    res.predictions, metrics))
-        attrs.update(artifacts.save_checkpoints_artifact(self.trial, ctx.store_dir,
-                                                         checkpoints.adapters(run.checkpoint_root), info))
+        saved = artifacts.save_trial_artifacts(self.trial, ctx.study, ctx.store_dir, adapter_dir, info, test,
+                                               res.predictions, metrics)
+        try:
+            saved.update(artifacts.save_checkpoints_artifact(self.trial, ctx.store_dir,
+                                                             checkpoints.adapters(run.checkpoint_root), info))
+        except BaseException:  # all of a trial's artifacts or none: the three above go too
+            artifacts.remove_all(artifacts.open_store(ctx.store_dir), [v for k, v in saved.items()
+                                                                       if k.endswith("_artifact_id")])
+            raise
+        attrs.update(saved)
         attrs.update(metrics)
         attrs["adapter_path"] = str(adapter_dir.resolve())
         self.tracker.summary({f"test/{k}": v for k, v in metrics.items()})

@@ -297,12 +297,18 @@ def publish_to_folder(adapter_dir: Path, card: str, dest: Path) -> Published:
     dest = Path(dest).expanduser().resolve()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise PromoteError(f"--to {dest}: exists and is not an empty folder")
+    tmp = dest.parent / f".{dest.name}.tmp"
+    if tmp.exists() or tmp.is_symlink():  # not ours to delete: it may be another promote's, or the user's
+        raise PromoteError(f"--to {dest}: {tmp} already exists (left by a promote that stopped part-way?); "
+                           f"remove it, or choose another --to")
     if dest.exists():
         dest.rmdir()
-    tmp = dest.parent / f".{dest.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    stage(adapter_dir, card, tmp)
+    try:
+        stage(adapter_dir, card, tmp)
+    except BaseException:  # our own half-written folder (it did not exist above): removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     tmp.rename(dest)  # the folder appears whole or not at all
     return Published(str(dest), "local", str(dest))
 

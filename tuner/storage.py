@@ -171,13 +171,19 @@ def check_url(url: str) -> None:
 
 
 def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 retry_callback=None):
-    """An `optuna.storages.RDBStorage`, or a clear StorageError naming the URL (password masked) and the cause."""
+                 retry_callback=None, create: bool = True):
+    """An `optuna.storages.RDBStorage`, or a clear StorageError naming the URL (password masked) and the cause.
+    `create=False` (the commands that read a study): a SQLite file that is not there is an error, not a new
+    database, so that a mistyped path creates no folders and no file."""
     import optuna
 
-    parse_url(url)
+    parsed = parse_url(url)
+    path = parsed.database if parsed.drivername.startswith("sqlite") else None
+    if not create and path and path != ":memory:" and not Path(path).is_file():
+        raise StorageError(f"storage {mask_url(url)}: no such SQLite file ({Path(path).expanduser().resolve()}); "
+                           f"nothing was created")
     try:
-        if url.startswith("sqlite"):
+        if url.startswith("sqlite") and create:
             _prepare_sqlite(url)
         storage = optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval, grace_period=grace_period,

@@ -177,3 +177,38 @@ def tell(study: optuna.Study, trial, values=None, state: TrialState | None = Non
         study.tell(trial, values, state=state, **kwargs)
     finally:
         local.in_optimize_loop = inside
+
+
+def fail_stale_trials(study: optuna.Study, grace_period: int) -> None:
+    """Optuna's `fail_stale_trials`, with a reason recorded first. A trial whose worker was SIGKILLed or lost stops
+    heartbeating; Optuna fails it without a word, so the trial would carry no `fail_reason`. Its ids come from the
+    storage's private `_get_stale_trial_ids`: no public API lists stale trials without failing them."""
+    storage = study._storage
+    get_stale = getattr(storage, "_get_stale_trial_ids", None)
+    for tid in (get_stale(study._study_id) if get_stale is not None else []):
+        try:
+            storage.set_trial_user_attr(tid, "fail_reason", "worker_lost")
+            storage.set_trial_user_attr(tid, "fail_detail", f"no heartbeat for over {grace_period} s: its worker "
+                                                            f"was killed or lost; retried from its last checkpoint")
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            pass
+    optuna.storages.fail_stale_trials(study)
+
+
+STORAGE_WAITS = (1.0, 3.0)  # seconds between the attempts of a write that must not be lost
+
+
+def with_retries(write, waits: tuple[float, ...] = STORAGE_WAITS):
+    """`write()`, tried again after each wait while the storage fails (a dropped connection, a locked SQLite file).
+    A trial that is already finished is not an error to retry. The last failure is raised for the caller to say."""
+    import time
+
+    for wait in (*waits, None):
+        try:
+            return write()
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise
+        except Exception:
+            if wait is None:
+                raise
+            time.sleep(wait)

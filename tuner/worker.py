@@ -33,7 +33,8 @@ from .outcome import TrialContext, TrialOutcome
 from .prepare import prepare
 from .runtime import BaseCache, Heartbeat, NullReporter, Reporter, Stopper, release_memory
 from .space import TrialParams, sample
-from .study import ask, frozen, frozen_by_number, open_study, pop_waiting, running_elsewhere, tell, trial_id
+from .study import (ask, fail_stale_trials, frozen, frozen_by_number, open_study, pop_waiting, running_elsewhere,
+                    tell, trial_id, with_retries)
 from .train import TrialRun
 
 
@@ -213,7 +214,7 @@ class Worker:
     def _acquire(self) -> Acquired | None:
         """A trial waiting in the queue (a retry, or one enqueued by hand), else a fresh one if a budget slot is
         free. Fresh trials are only created after a slot is claimed, so several workers never overshoot."""
-        optuna.storages.fail_stale_trials(self.study)
+        fail_stale_trials(self.study, self.cfg.study.grace_period)
         slot = None
         waiting = pop_waiting(self.study)
         if waiting is None:
@@ -253,6 +254,14 @@ class Worker:
             trial.set_user_attr(key, value)
         if got.retry_of is not None:
             trial.set_user_attr("retry_of", got.retry_of)
+            # A retry is made with the failed trial's user attributes: its failure is kept as why it was retried,
+            # not left as the retry's own (a retry that completes is not `interrupted`).
+            inherited = trial.user_attrs
+            if inherited.get("fail_reason") is not None:
+                trial.set_user_attr("retry_reason", inherited["fail_reason"])
+            for key in ("fail_reason", "fail_detail", "checkpoint_step"):
+                if inherited.get(key) is not None:
+                    trial.set_user_attr(key, None)
         return params
 
     # -- groups -------------------------------------------------------------------------------------------------
@@ -369,18 +378,32 @@ class Worker:
         """Mark the trial FAIL with its reason, and (for interruptions) enqueue a retry with the same parameters,
         which will resume from the trial's latest checkpoint. Never leaves it RUNNING."""
         trial = got.trial
-        try:
+
+        def mark() -> bool:
             if frozen(self.study, trial_id(trial)).state != TrialState.RUNNING:
-                return  # already told (the training loop's own bookkeeping ran first)
+                return False  # already told (the training loop's own bookkeeping ran first)
             trial.set_user_attr("fail_reason", reason)
             trial.set_user_attr("fail_detail", detail[-2000:])
             if step is not None:
                 trial.set_user_attr("checkpoint_step", step)
             tell(self.study, trial, state=TrialState.FAIL, skip_if_finished=True)
-            if retry:
-                self.retry(self.study, frozen(self.study, trial_id(trial)))
-        except Exception:  # storage unreachable while stopping: the heartbeat grace period will fail it instead
-            pass
+            return True
+
+        try:
+            told = with_retries(mark)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return
+        except Exception as exc:  # said, not swallowed: the trial stays RUNNING until its heartbeat goes stale
+            self.reporter.warning(f"trial {trial.number}: could not hand it back to the storage ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}); after {self.cfg.study.grace_period} s without a heartbeat "
+                                  f"another worker fails and retries it")
+            return
+        if told and retry:
+            try:
+                with_retries(lambda: self.retry(self.study, frozen(self.study, trial_id(trial))))
+            except Exception as exc:
+                self.reporter.warning(f"trial {trial.number}: FAIL recorded, but its retry could not be queued "
+                                      f"({type(exc).__name__}: {str(exc)[:200]}); enqueue it again by hand")
 
 
 def run_worker(cfg: SweepConfig, opts: WorkerOptions, reporter: Reporter | None = None) -> WorkerReport:
