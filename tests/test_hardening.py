@@ -714,3 +714,20 @@ def test_an_upload_that_fails_part_way_leaves_no_artifact_behind(tmp_path):
     assert list((tmp_path / "artifacts").iterdir()) == []
     ids = artifacts.upload_all(store, trial, dict(list(files.items())[:2]))
     assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == sorted(ids.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. An unreachable Hub
+
+
+def test_promote_to_an_unreachable_hub_is_one_line_exit_2(tmp_path):
+    """Before: only HfHubHTTPError was caught, so a refused connection was a ConnectError traceback. Nothing
+    listens on port 1 of this machine."""
+    url, _ = _hand_made_study(tmp_path, checkpoint_steps=[2])
+    env = {"HF_ENDPOINT": "http://127.0.0.1:1", "HF_HUB_OFFLINE": "0", "HF_TOKEN": HF_SECRET,
+           "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN_PATH": None, "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5"}
+    res = tuner(["promote", "s", "--trial", "0", "--checkpoint", "2", "--repo", "tuner-test/x", "--storage", url],
+                tmp_path, env=env, timeout=300)
+    _one_line_error(res, "could not reach the Hub", "nothing was published")
+    assert HF_SECRET not in res.stdout + res.stderr
