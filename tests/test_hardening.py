@@ -329,8 +329,8 @@ def test_no_secret_in_anything_tuner_writes_or_shows(tmp_path, pg_url):
         shown.append(line)
         if line.startswith("open http"):
             break
-    board.terminate()
-    shown.append(board.communicate(timeout=60)[0])
+    board.kill()  # everything it prints comes before its URL
+    board.wait(timeout=60)
 
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "README.md" for p in written) and any("wandb" in p.parts for p in written)
