@@ -260,10 +260,29 @@ def stage(adapter_dir: Path, card: str, into: Path) -> Path:
     return into
 
 
+def _hub_failures() -> tuple[type[BaseException], ...]:
+    """What a Hub call raises when the Hub answers with an error or cannot be reached at all (a refused connection,
+    DNS, a timeout: httpx's transport errors and OSError): each is a one-line PromoteError, never a traceback."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    failures: tuple[type[BaseException], ...] = (HfHubHTTPError, OSError)
+    for client in ("httpx", "httpx2"):  # huggingface_hub's HTTP client, under either of its names
+        try:
+            failures += (__import__(client).HTTPError,)
+        except (ImportError, AttributeError):
+            pass
+    return failures
+
+
 def _hub_error(exc: Exception, doing: str) -> PromoteError:
+    from huggingface_hub.errors import HfHubHTTPError
+
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
     detail = (getattr(exc, "server_message", None) or str(exc)).strip().splitlines()[0][:300]
+    if response is None and not isinstance(exc, HfHubHTTPError):  # no answer at all: unreachable
+        return PromoteError(f"could not reach the Hub to {doing} ({type(exc).__name__}: {detail}); nothing was "
+                            f"published")
     return PromoteError(f"the Hub refused to {doing}" + (f" (HTTP {status})" if status else "") + f": {detail}")
 
 
@@ -278,7 +297,7 @@ def publish_to_hub(adapter_dir: Path, card: str, repo_id: str, *, token: str, pr
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         visible = api.model_info(repo_id)
-    except HfHubHTTPError as exc:
+    except _hub_failures() as exc:
         raise _hub_error(exc, f"create or read {repo_id}") from None
     if visible.private is False and private:
         raise PromoteError(f"{repo_id} exists and is public; pass --public to publish there (nothing was uploaded)")
@@ -288,7 +307,7 @@ def publish_to_hub(adapter_dir: Path, card: str, repo_id: str, *, token: str, pr
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
             if tag:
                 api.create_tag(repo_id, tag=tag, revision=commit.oid)
-        except HfHubHTTPError as exc:
+        except _hub_failures() as exc:
             raise _hub_error(exc, f"take the upload to {repo_id}") from None
     return Published(repo_id, "hub", commit.oid, f"{api.endpoint}/{repo_id}", bool(visible.private))
 
@@ -341,7 +360,7 @@ def _tags(repo: str, token: str) -> dict[str, str]:
         refs = HfApi(token=token).list_repo_refs(repo)
     except RepositoryNotFoundError:
         return {}
-    except HfHubHTTPError as exc:
+    except _hub_failures() as exc:
         raise _hub_error(exc, f"list the tags of {repo}") from None
     return {t.name: t.target_commit for t in refs.tags}
 
