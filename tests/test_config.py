@@ -27,7 +27,7 @@ BAD = [
     ({"serach": {}}, "serach", "unknown key"),
     ({"train": {"batch_sise": 4}}, "train.batch_sise", "allowed here: epochs, max_steps, batch_size"),
     ({"train": {"batch_size": "eight"}}, "train.batch_size", "an integer"),
-    ({"train": {"batch_size": 0}}, "train.batch_size", ">= 1"),
+    ({"train": {"batch_size": 0}}, "train.batch_size", "an integer from 1 to"),
     ({"data": {"train_rows": -5}}, "data.train_rows", ">= 1"),
     ({"study": {"objective": "accuracy"}}, "study.objective", "one of mae, rmsle or hit_rate"),
     ({"study": {"pruner": {"type": "median"}}}, "train.eval_every", "pruning needs intermediate values"),
