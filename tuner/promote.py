@@ -291,7 +291,6 @@ def publish_to_hub(adapter_dir: Path, card: str, repo_id: str, *, token: str, pr
     """Create the repository if needed (private unless told otherwise), upload the adapter and card as one commit,
     optionally tag that commit. Refuses to put a private-by-default upload into an existing public repository."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token)
     try:
@@ -354,7 +353,7 @@ def _check_checkpoint(trial: FrozenTrial, step: int) -> None:
 def _tags(repo: str, token: str) -> dict[str, str]:
     """Tag -> commit of a Hub repository; none for a repository that does not exist yet."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         refs = HfApi(token=token).list_repo_refs(repo)
