@@ -352,7 +352,9 @@ def cmd_report(args) -> int:
 
     study = load_study(open_storage(args.storage, create=False), args.study)
     store_dir = artifacts.location_for_studies([study], args.storage, args.artifacts)
-    console.print(artifacts.store_note([study], store_dir), soft_wrap=True, markup=False)
+    # With --format json|csv stdout is for scripts: the note goes to stderr.
+    (console if args.format == "table" else err_console).print(artifacts.store_note([study], store_dir),
+                                                              soft_wrap=True, markup=False)
     try:
         store, problem = artifacts.open_store(store_dir, create=False), ""
     except artifacts.ArtifactError as exc:  # the tables and charts from the database still make a report
