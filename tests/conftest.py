@@ -193,3 +193,19 @@ def hub_env(hub, home: Path, token: str | None = HUB_TOKEN) -> dict:
     home.mkdir(parents=True, exist_ok=True)
     return {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(home), "HF_TOKEN": token,
             "HF_TOKEN_PATH": None, "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def assert_peft_holds_the_saved_adapter(model, folder: Path) -> dict:
+    """A peft model loaded from `folder` holds exactly the LoRA tensors saved there (peft names them per adapter,
+    `default`). Returns the saved tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(Path(folder) / "adapter_model.safetensors")
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(saved) > 0
+    for key, tensor in saved.items():
+        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight",
+                                                                              ".lora_B.default.weight")
+        assert torch.equal(loaded[name].float(), tensor.float()), key
+    return saved

@@ -15,7 +15,7 @@ import sys
 
 import optuna
 
-from conftest import REPO, tiny_sweep, tuner
+from conftest import REPO, assert_peft_holds_the_saved_adapter, tiny_sweep, tuner
 
 
 def _one_line_error(res, expected: str) -> str:
@@ -195,9 +195,7 @@ def test_status_best_report_and_export_for_scripts(swept, tmp_path):
 
 
 def test_promoted_adapter_loads_with_auto_peft_and_is_listed_whole(swept, tmp_path):
-    import torch
     from peft import AutoPeftModelForCausalLM
-    from safetensors.torch import load_file
 
     from tuner import fmt
     from tuner.models import builtin_folder
@@ -208,13 +206,7 @@ def test_promoted_adapter_loads_with_auto_peft_and_is_listed_whole(swept, tmp_pa
     config = json.loads((dest / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(builtin_folder())  # tuner's converted copy, a real folder
     model = AutoPeftModelForCausalLM.from_pretrained(str(dest))  # peft alone, nothing of tuner's
-    saved = load_file(dest / "adapter_model.safetensors")
-    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
-    assert len(loaded) == len(saved) > 0
-    for key, tensor in saved.items():
-        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight",
-                                                                              ".lora_B.default.weight")
-        assert torch.equal(loaded[name].float(), tensor.float()), key
+    assert_peft_holds_the_saved_adapter(model, dest)
 
     card = (dest / "README.md").read_text()
     trial = swept.study().best_trial

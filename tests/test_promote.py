@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 
-from conftest import HUB_TOKEN as TOKEN
+from conftest import assert_peft_holds_the_saved_adapter, HUB_TOKEN as TOKEN
 from conftest import hub_env, tuner
 
 
@@ -97,9 +97,7 @@ def test_public_flag_and_token_from_the_login_cache(swept, hub, tmp_path):
 
 
 def test_promote_to_a_folder_loads_with_peft(swept, base16, tmp_path):
-    import torch
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     from tuner.storage import open_storage, promotions
 
@@ -114,13 +112,7 @@ def test_promote_to_a_folder_loads_with_peft(swept, base16, tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = PeftModel.from_pretrained(base16.model, dest)
-    saved = load_file(dest / "adapter_model.safetensors")
-    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
-    assert len(loaded) == len(saved) > 0
-    for key, tensor in saved.items():
-        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight",
-                                                                              ".lora_B.default.weight")
-        assert torch.equal(loaded[name].float(), tensor.float()), key
+    saved = assert_peft_holds_the_saved_adapter(model, dest)
     assert any(t.abs().max() > 0 for k, t in saved.items() if "lora_B" in k)  # trained, not the zero init
     model.unload()
 
