@@ -86,6 +86,9 @@ def test_api_lists_the_study_trials_attributes_and_artifacts(dashboard, swept):
             assert key in attrs, key
         assert float(attrs["mae"]) == pytest.approx(t.user_attrs["mae"])
         assert attrs["wandb_run_id"] == t.user_attrs["wandb_run_id"] and attrs["device"] == "cpu"
+        # The rank is a parameter named `r` with the trained value, in the dashboard's own view too (#16).
+        shown = {q["name"]: q["param_external_value"] for q in served["params"]}
+        assert "r_exp" not in shown and int(shown["r"]) == t.user_attrs["r"] in (8, 16)
         listed = {a["artifact_id"]: a for a in served["artifacts"]}
         assert set(listed) == {attrs["adapter_artifact_id"], attrs["predictions_artifact_id"],
                                attrs["scatter_artifact_id"]}

