@@ -17,6 +17,8 @@ import argparse
 import copy
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,20 +45,27 @@ def default_sweep(source: str) -> dict:
 
 
 def run_tuner(cfg_dict: dict, url: str, out_dir: Path) -> tuple[float, float, dict]:
-    """tuner's default study as `tuner run` runs it. Returns (best test MAE, wall seconds, its baselines)."""
+    """tuner's default study, run by the `tuner` command of the Python running this bench (`tuner run`, exactly as a
+    user runs it; from a fresh venv, the installed wheel). Returns (best test MAE, wall seconds, its baselines)."""
     import optuna
-
-    from tuner.config import parse_config
-    from tuner.worker import WorkerOptions, run_worker
 
     cfg_dict = copy.deepcopy(cfg_dict)
     cfg_dict["study"]["output_dir"] = str(out_dir)
     cfg_dict.setdefault("tracking", {})["wandb"] = {"mode": "disabled"}
-    cfg = parse_config(cfg_dict, "<bench quality: tuner>")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sweep = out_dir / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    log = out_dir / "tuner-run.log"
     t0 = time.time()
-    run_worker(cfg, WorkerOptions(storage_url=url))
+    with open(log, "w") as fh:
+        res = subprocess.run([sys.executable, "-m", "tuner.cli", "run", str(sweep), "--storage", url],
+                             stdout=fh, stderr=subprocess.STDOUT)
     wall = time.time() - t0
-    study = optuna.load_study(study_name=cfg.study.name, storage=url)
+    lines = log.read_text().splitlines()
+    print("\n".join(lines[-3:]), flush=True)  # the run's own closing lines
+    if res.returncode != 0:
+        raise SystemExit(f"tuner run exited {res.returncode}; see {log}")
+    study = optuna.load_study(study_name=cfg_dict["study"]["name"], storage=url)
     return study.best_value, wall, study.user_attrs["baselines"]
 
 

@@ -21,7 +21,7 @@ def test_median_pruner_stops_bad_trials_and_keeps_their_curves(tmp_path):
     # step 8) and moved its step-4 MAE by 0.2% under sdpa attention and not at all under eager; 3e-3 moves it by
     # 2% (6129 -> 6018) under either.
     sweep = tiny_sweep(tmp_path, name="prune", trials=4, train_rows=32, wandb="disabled",
-                       train_extra=", eval_every: 4, eval_rows: 8, cotrain: 1")
+                       train_extra=", eval_every: 4, eval_rows: 8, cotrain: 1, checkpoint_every: 2")
     text = sweep.read_text().replace("learning_rate: {low: 1.0e-3, high: 3.0e-3, log: true}",
                                      "learning_rate: {choices: [1.0e-7, 2.0e-7, 3.0e-3, 3.0e-7]}")
     text = text.replace("r: {min: 8, max: 16}", "r: 8").replace("dropout: {low: 0.0, high: 0.1}", "dropout: 0.0")
@@ -46,6 +46,9 @@ def test_median_pruner_stops_bad_trials_and_keeps_their_curves(tmp_path):
             # Optuna keeps a pruned trial's last intermediate value as its value; it is never scored on test.
             assert t.value == t.intermediate_values[stop] and "mae" not in t.user_attrs
             assert t.value > trials[0].intermediate_values[4]
+            # Its checkpoints (steps 2 and 4: checkpoint_every 2) went when it was pruned: nothing resumes it.
+            assert (tmp_path / "runs" / "prune" / f"trial-{t.number:04d}").is_dir()
+            assert not list((tmp_path / "runs" / "prune" / f"trial-{t.number:04d}").rglob("step-*")), t.number
         else:
             assert sorted(t.intermediate_values) == [4, 8] and t.user_attrs["steps"] == 8
             assert t.value == t.user_attrs["mae"]  # the objective is the test split's, not the last validation

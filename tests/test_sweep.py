@@ -107,3 +107,7 @@ def test_default_sweep_is_the_measured_one():
     assert cfg.study.pruner.min_resource % cfg.train.eval_every == 0  # each rung falls on an evaluation
     assert cfg.search.target_modules.value == "attention+mlp" and cfg.train.batch_size.value == 4
     assert cfg.train.max_length.value == "auto" and cfg.study.trials >= 3
+    # One trial at a time on the CPU (the first complete trial, which pruning compares with, comes at 6 minutes, not
+    # 16), and a learning-rate range that excludes the diverged 5.7e-3.
+    assert cfg.train.cotrain == 1
+    assert 1e-3 < cfg.search.learning_rate.low and cfg.search.learning_rate.high < 5.7e-3

@@ -161,7 +161,7 @@ def adapters(root: Path) -> dict[int, Path]:
 
 def discard(root: Path) -> int:
     """Remove a run's checkpoints (every `step-*` folder and `best.safetensors`) once a COMPLETE trial has archived
-    them in the artifact store: a checkpoint is kept once, there. Returns the bytes freed."""
+    them in the artifact store (a checkpoint is kept once, there) or a trial was pruned. Returns the bytes freed."""
     root = Path(root)
     if not root.is_dir():
         return 0

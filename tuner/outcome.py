@@ -189,9 +189,9 @@ class TrialOutcome:
         return "COMPLETE"
 
     def _discard_checkpoints(self, run: TrialRun) -> None:
-        """A COMPLETE trial's checkpoints are in the artifact store now (`save_checkpoints_artifact`), and nothing
-        resumes from them: the run folder's copies go, so that each is kept once. The kept adapter stays
-        (`adapter_path`); `tuner clean` removes whole run folders."""
+        """A COMPLETE trial's checkpoints are in the artifact store now (`save_checkpoints_artifact`), and a PRUNED
+        trial's are never used: nothing resumes from either, so the run folder's copies go. The kept adapter of a
+        COMPLETE trial stays (`adapter_path`); `tuner clean` removes whole run folders."""
         try:
             checkpoints.discard(run.checkpoint_root)
         except OSError as exc:  # the trial is told already; a folder left behind is worth a line, not a failure
@@ -203,6 +203,9 @@ class TrialOutcome:
         self.tracker.summary({"state": "pruned", "pruned_at_step": run.step})
         self.tracker.finish()
         tell(self.ctx.study, self.trial, state=TrialState.PRUNED)
+        # Nothing resumes or promotes a pruned trial: its checkpoints would be dead weight (in the measured default
+        # study, 255 of 342 MB were the checkpoints of its two pruned trials).
+        self._discard_checkpoints(run)
         return "PRUNED"
 
     def _interrupted(self, run: TrialRun, attrs: dict) -> str:
