@@ -731,3 +731,148 @@ def test_promote_to_an_unreachable_hub_is_one_line_exit_2(tmp_path):
                 tmp_path, env=env, timeout=600)
     _one_line_error(res, "could not reach the Hub", "nothing was published")
     assert HF_SECRET not in res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. A second Ctrl-C leaves no trial RUNNING
+
+
+def _ctrl_c_twice() -> None:
+    """Two real SIGINTs to this process, one second apart, from inside the phase under test: the first asks the
+    worker to stop after the step, the second (a KeyboardInterrupt raised here, in the phase's own frame) to stop at
+    once."""
+    import signal
+    import time
+
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(1.0)  # the handler raises at the next bytecode; this is never reached whole
+    raise AssertionError("the second SIGINT did not stop the worker")
+
+
+def _interrupt_in(monkeypatch, phase: str) -> None:
+    """Wrap the function that does `phase`'s work so that it gets the two signals when it starts."""
+    from tuner import artifacts, models, outcome, train, worker
+
+    def wrap(owner, name, when=lambda *a, **k: True):
+        real = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            if when(*args, **kwargs):
+                _ctrl_c_twice()
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapped)
+
+    if phase == "base load":
+        wrap(models, "load_base")
+    elif phase == "baseline":
+        wrap(worker, "ensure_base_model")
+    elif phase == "training":  # during the second optimizer step, after the first step's checkpoint
+        wrap(train.TrialRun, "optimizer_step", lambda run, *a: run.step == 1)
+    elif phase == "evaluation":
+        wrap(outcome.TrialOutcome, "on_evaluate")
+    elif phase == "final scoring":  # training is over: its last step's checkpoint is on disk
+        wrap(outcome.TrialOutcome, "_complete")
+    elif phase == "artifact upload":  # once the first of the trial's artifacts is in the store
+        calls = []
+        wrap(artifacts.optuna.artifacts, "upload_artifact", lambda *a, **k: calls.append(1) or len(calls) == 2)
+
+
+PHASES = ["base load", "baseline", "training", "evaluation", "final scoring", "artifact upload"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_second_ctrl_c_in_any_phase_leaves_no_trial_running(tmp_path, monkeypatch, phase):
+    """Before: a second Ctrl-C during the base model's load or baseline, or during the final scoring, left the trial
+    RUNNING (only `except Exception` guarded them, and `finish()` dropped the run from the group before its outcome)
+    while the CLI said it was handed back; a finished training was lost (no checkpoint at the last step). Real
+    signals, a real worker and storage; the final-scoring case runs again and resumes without training."""
+    import signal
+
+    from tuner.config import load_config
+    from tuner.errors import StoppedAtOnce
+    from tuner.worker import WorkerOptions, run_worker
+
+    evals = ", eval_every: 1, eval_rows: 8" if phase == "evaluation" else ""  # scoring costs: only where needed
+    sweep = tiny_sweep(tmp_path, name="cc", trials=1, train_rows=8, test_rows=8, quant="16", wandb="disabled",
+                       train_extra=f", checkpoint_every: 1, cotrain: 1{evals}")
+    url = f"sqlite:///{tmp_path}/s.db"
+    said = []
+
+    class Said:
+        def message(self, text):
+            said.append(text)
+
+        warning = message
+
+        def trial_started(self, number, params, total_steps, note):
+            pass
+
+        def trial_step(self, number, record, total_steps):
+            pass
+
+        def trial_ended(self, number, state, attrs):
+            said.append(f"trial {number} {state} {attrs.get('checkpoint_step')}")
+
+    previous = signal.signal(signal.SIGINT, lambda *a: None)  # a late signal must not reach pytest
+    try:
+        with monkeypatch.context() as patches:
+            _interrupt_in(patches, phase)
+            with pytest.raises(StoppedAtOnce) as info:
+                run_worker(load_config(sweep), WorkerOptions(storage_url=url), Said())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert info.value.left_running == [], said
+    trials = optuna.load_study(study_name="cc", storage=url).get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"], said  # handed back, its retry queued
+    first = trials[0]
+    assert first.user_attrs["fail_reason"] == "interrupted", first.user_attrs
+    expected_step = {"base load": None, "baseline": None, "training": 1, "evaluation": 1, "final scoring": 2,
+                     "artifact upload": 2}[phase]
+    assert first.user_attrs.get("checkpoint_step") == expected_step, first.user_attrs
+    assert f"trial 0 INTERRUPTED {expected_step}" in said, said  # what the terminal is told is what happened
+    store = tmp_path / "artifacts"
+    assert not store.exists() or list(store.iterdir()) == []  # all of a trial's artifacts or none
+
+    if phase == "final scoring":  # the retry resumes from the last step: scored and saved, not trained again
+        report = run_worker(load_config(sweep), WorkerOptions(storage_url=url), Said())
+        assert report.states == {1: "COMPLETE"}
+        retry = optuna.load_study(study_name="cc", storage=url).trials[1]
+        assert retry.state.name == "COMPLETE" and retry.user_attrs["resumed_from_step"] == 2
+        assert retry.user_attrs["steps"] == 2 and retry.user_attrs["mae"] > 0
+        assert retry.user_attrs["checkpoint_steps"] == [1]  # the last step's resume point is not archived
+
+
+def test_a_second_ctrl_c_from_the_terminal_exits_130_and_says_what_is_true(tmp_path):
+    """The CLI, in a subprocess: two SIGINTs a second apart once it says it loads the base model; exit 130, no
+    traceback, the trial handed back, and the closing line says so."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import tuner_cmd
+
+    sweep = tiny_sweep(tmp_path, name="cli", trials=1, train_rows=8, test_rows=8, quant="16", wandb="disabled",
+                       train_extra=", checkpoint_every: 1, cotrain: 1")
+    url = f"sqlite:///{tmp_path}/s.db"
+    proc = subprocess.Popen(tuner_cmd() + ["run", str(sweep), "--storage", url], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TUNER_PLAIN_OUTPUT": "1"})
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "loading the base model" in line:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            break
+    out.append(proc.stdout.read())
+    assert proc.wait(timeout=600) == 130, "".join(out)
+    text = "".join(out)
+    assert "Traceback" not in text and "trial 0 stopped" in text, text
+    assert "stopped at once; the storage is consistent" in text, text
+    states = [t.state.name for t in optuna.load_study(study_name="cli", storage=url).trials]
+    assert states == ["FAIL", "WAITING"], text
+

@@ -176,6 +176,10 @@ class GroupLoop:
         if run.due_eval():
             self._evaluate(run)
         if run.done:
+            if run.checkpoint_every:
+                # After the final evaluation, so that a retry resumes with every evaluation: an interruption while
+                # the trial is scored on the test rows or its artifacts are saved does not cost its training.
+                run.save_checkpoint(self.base.resolved.name, final=True)
             self._complete(run)
             return
         run.begin_step()

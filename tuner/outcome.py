@@ -8,10 +8,11 @@ trial back), never the worker: it knows what a trial needs, not how trials are a
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import optuna
 from optuna.trial import TrialState
@@ -19,7 +20,7 @@ from optuna.trial import TrialState
 from . import artifacts, checkpoints, lora, models
 from .config import SweepConfig
 from .data import Splits
-from .errors import Interrupted, TrialFailure
+from .errors import Interrupted, TrialFailure, one_line
 from .runtime import Reporter, memory_attrs
 from .scoring import PriceScorer, price_metrics
 from .space import TrialParams
@@ -27,8 +28,9 @@ from .study import baselines, tell, with_retries
 from .tracking import TrialTracker
 from .train import Evaluation, TrialRun
 
-# hand_back(reason, detail, checkpoint step, retry): mark the trial FAIL and, for an interruption, queue its retry.
-HandBack = Callable[[str, str, "int | None", bool], None]
+# hand_back(reason, detail, checkpoint step, retry): mark the trial FAIL and, for an interruption, queue its retry;
+# returns "handed_back", "finished" (told already) or "running" (the storage would not take it).
+HandBack = Callable[[str, str, "int | None", bool], str]
 
 
 @dataclass
@@ -44,6 +46,8 @@ class TrialContext:
     device: str
     runs_root: Path  # the study's run folders' parent (`places.runs_root`); W&B writes its runs under it
     hub_token: str | None = None
+    # Around each `tell` and the attributes written with it: a second Ctrl-C waits for the block (Stopper.shielded).
+    shield: Callable[[], ContextManager] = contextlib.nullcontext
 
     @property
     def study_name(self) -> str:
@@ -146,12 +150,13 @@ class TrialOutcome:
                 tell(self.ctx.study, self.trial, state=TrialState.FAIL, skip_if_finished=True)
 
             try:
-                with_retries(record)
+                with self.ctx.shield():
+                    with_retries(record)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass
             except Exception as store_exc:  # said, not swallowed: its heartbeat going stale fails it later
                 self.ctx.reporter.warning(f"trial {self.trial.number}: could not record its failure in the storage "
-                                          f"({type(store_exc).__name__}: {str(store_exc)[:200]}); it stays RUNNING "
+                                          f"({one_line(store_exc)}); it stays RUNNING "
                                           f"until its heartbeat goes stale")
             self.state = "FAIL"
         self.ctx.reporter.trial_ended(self.trial.number, self.state, attrs)
@@ -169,8 +174,9 @@ class TrialOutcome:
         saved = artifacts.save_trial_artifacts(self.trial, ctx.study, ctx.store_dir, adapter_dir, info, test,
                                                res.predictions, metrics)
         try:
-            saved.update(artifacts.save_checkpoints_artifact(self.trial, ctx.store_dir,
-                                                             checkpoints.adapters(run.checkpoint_root), info))
+            # The last step's checkpoint is a resume point only: the kept adapter above is the end of training.
+            kept = {s: p for s, p in checkpoints.adapters(run.checkpoint_root).items() if s < run.total_steps}
+            saved.update(artifacts.save_checkpoints_artifact(self.trial, ctx.store_dir, kept, info))
         except BaseException:  # all of a trial's artifacts or none: the three above go too
             artifacts.remove_all(artifacts.open_store(ctx.store_dir), [v for k, v in saved.items()
                                                                        if k.endswith("_artifact_id")])
@@ -183,8 +189,9 @@ class TrialOutcome:
         self.tracker.summary({f"baseline/{key}/{m}": b[m] for key, b in baselines(ctx.study).items()
                               for m in ("mae", "rmsle", "hit_rate") if m in b})
         attrs.update({k: v for k, v in self.tracker.finish().to_attrs().items() if v is not None})
-        self._set_attrs(attrs)
-        tell(ctx.study, self.trial, metrics[ctx.cfg.study.objective])
+        with ctx.shield():
+            self._set_attrs(attrs)
+            tell(ctx.study, self.trial, metrics[ctx.cfg.study.objective])
         self._discard_checkpoints(run)
         return "COMPLETE"
 
@@ -199,14 +206,18 @@ class TrialOutcome:
 
     def _pruned(self, run: TrialRun, attrs: dict) -> str:
         attrs["pruned_at_step"] = run.step
-        self._set_attrs(attrs)
         self.tracker.summary({"state": "pruned", "pruned_at_step": run.step})
         self.tracker.finish()
-        tell(self.ctx.study, self.trial, state=TrialState.PRUNED)
+        with self.ctx.shield():
+            self._set_attrs(attrs)
+            tell(self.ctx.study, self.trial, state=TrialState.PRUNED)
         return "PRUNED"
 
     def _interrupted(self, run: TrialRun, attrs: dict) -> str:
         step = run.error.checkpoint_step if isinstance(run.error, Interrupted) else None
+        if step is None:  # stopped at once (no checkpoint written then): the retry resumes from its newest one
+            on_disk = checkpoints.adapters(run.checkpoint_root)
+            step = max(on_disk) if on_disk else None
         self._set_attrs(attrs)
         self.tracker.finish(exit_code=1)
         self.hand_back("interrupted", "stopped by a signal; retried from its checkpoint", step, True)
@@ -217,10 +228,11 @@ class TrialOutcome:
         err = run.error
         reason = err.reason if isinstance(err, TrialFailure) else "error"
         attrs.update(fail_reason=reason, fail_detail=str(err))
-        self._set_attrs(attrs)
         self.tracker.summary({"state": "failed", "fail_reason": reason})
         self.tracker.finish(exit_code=1)
-        tell(self.ctx.study, self.trial, state=TrialState.FAIL)
+        with self.ctx.shield():
+            self._set_attrs(attrs)
+            tell(self.ctx.study, self.trial, state=TrialState.FAIL)
         return "FAIL"
 
     def _set_attrs(self, attrs: dict) -> None:
