@@ -876,3 +876,34 @@ def test_a_second_ctrl_c_from_the_terminal_exits_130_and_says_what_is_true(tmp_p
     states = [t.state.name for t in optuna.load_study(study_name="cli", storage=url).trials]
     assert states == ["FAIL", "WAITING"], text
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. One trial's error stays its own
+
+
+def test_a_co_trained_trials_hook_error_fails_only_that_trial(tmp_path):
+    """Before: a hook error in one trial of a co-trained group (seen as UpdateFinishedTrialError after the trial
+    was marked finished, as a stale mark does) failed the whole group. Here trial 0 is marked FAIL from outside, by
+    another storage connection, after its first step; its checkpoint hook then raises, and trial 1, trained in the
+    same group, must complete."""
+    from optuna.trial import TrialState
+
+    from tuner.config import load_config
+    from tuner.runtime import NullReporter
+    from tuner.worker import WorkerOptions, run_worker
+
+    sweep = tiny_sweep(tmp_path, name="nb", trials=2, train_rows=8, test_rows=8, quant="16", wandb="disabled",
+                       train_extra=", checkpoint_every: 1, cotrain: 2")
+    url = f"sqlite:///{tmp_path}/s.db"
+
+    class MarksTrial0Finished(NullReporter):
+        def trial_step(self, number, record, total_steps):
+            if number == 0 and record["step"] == 1:
+                optuna.load_study(study_name="nb", storage=url).tell(0, state=TrialState.FAIL)
+
+    report = run_worker(load_config(sweep), WorkerOptions(storage_url=url), MarksTrial0Finished())
+    assert report.states == {0: "FAIL", 1: "COMPLETE"}, report.states
+    zero, one = optuna.load_study(study_name="nb", storage=url).trials
+    assert zero.state == TrialState.FAIL and one.state == TrialState.COMPLETE
+    assert one.user_attrs["execution"]["group_size"] == 2 and one.user_attrs["steps"] == 2  # trained together
+
