@@ -907,3 +907,62 @@ def test_a_co_trained_trials_hook_error_fails_only_that_trial(tmp_path):
     assert zero.state == TrialState.FAIL and one.state == TrialState.COMPLETE
     assert one.user_attrs["execution"]["group_size"] == 2 and one.user_attrs["steps"] == 2  # trained together
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Storage errors while handing a trial back
+
+
+@pytest.mark.parametrize("failures", [2, 99])
+def test_a_hand_back_is_retried_and_a_lasting_storage_error_is_said(tmp_path, monkeypatch, failures):
+    """The storage refuses the hand-back's writes `failures` times (a dropped connection, a locked SQLite file):
+    after two failures the retries (1 s, 3 s) hand the trial back; a storage that keeps failing leaves it RUNNING,
+    and the terminal gets one line naming the trial and how long it stays RUNNING."""
+    import time
+
+    import sqlalchemy.exc
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    from tuner.config import load_config
+    from tuner.runtime import Stopper
+    from tuner.worker import Acquired, Worker
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="hb", storage=url)
+    trial = study.ask()
+    said = []
+
+    class Said:
+        def message(self, text):
+            said.append(text)
+
+        warning = message
+
+    worker = Worker.__new__(Worker)
+    worker.cfg = load_config(tiny_sweep(tmp_path, trials=1, hb=30, grace=120))
+    worker.study, worker.reporter, worker.stopper, worker._held = study, Said(), Stopper(Said()), {}
+    worker.retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
+    storage, real = study._storage, study._storage.set_trial_user_attr
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if len(calls) <= failures:
+            raise sqlalchemy.exc.OperationalError("UPDATE trial_user_attributes", {}, Exception("database is locked"))
+        return real(*args, **kwargs)
+
+    waits = []
+    monkeypatch.setattr(storage, "set_trial_user_attr", flaky)
+    monkeypatch.setattr(time, "sleep", waits.append)
+    outcome = worker._hand_back(Acquired(trial, None, 0, None), "interrupted", "stopped by a signal", 3)
+    monkeypatch.undo()
+
+    states = [t.state for t in optuna.load_study(study_name="hb", storage=url).trials]
+    assert waits == [1.0, 3.0]
+    if failures == 2:
+        assert outcome == "handed_back" and states == [TrialState.FAIL, TrialState.WAITING] and said == []
+    else:
+        assert outcome == "running" and states == [TrialState.RUNNING]
+        assert len(said) == 1 and len(said[0].splitlines()) == 1, said
+        assert said[0].startswith("trial 0: could not hand it back to the storage (OperationalError")
+        assert "it stays RUNNING until its heartbeat goes stale (grace period 120 s)" in said[0], said
