@@ -966,3 +966,87 @@ def test_a_hand_back_is_retried_and_a_lasting_storage_error_is_said(tmp_path, mo
         assert len(said) == 1 and len(said[0].splitlines()) == 1, said
         assert said[0].startswith("trial 0: could not hand it back to the storage (OperationalError")
         assert "it stays RUNNING until its heartbeat goes stale (grace period 120 s)" in said[0], said
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wandb_auto_with_a_key_and_no_server_goes_offline_quickly_and_the_trial_completes(tmp_path, monkeypatch):
+    """Before: with WANDB_API_KEY set and no network, `mode: auto` waited 122 s per trial for W&B and failed it.
+    The server is probed (a few seconds at most, once per process); the run goes offline with one warning line,
+    the trial completes and its offline run is written."""
+    import time
+
+    from tuner import tracking
+    from tuner.config import WandbSpec, load_config
+    from tuner.worker import WorkerOptions, run_worker
+
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_SECRET)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
+    for var in ("WANDB_MODE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    t0 = time.time()
+    mode, why = tracking.choose_mode(WandbSpec(mode="auto"))
+    assert mode == "offline" and "cannot reach http://127.0.0.1:" in why and time.time() - t0 < 5
+
+    said = []
+
+    class Said:
+        def message(self, text):
+            pass
+
+        def warning(self, text):
+            said.append(text)
+
+        def trial_started(self, *a):
+            pass
+
+        def trial_step(self, *a):
+            pass
+
+        def trial_ended(self, *a):
+            pass
+
+    sweep = tiny_sweep(tmp_path, name="wb", trials=1, train_rows=8, test_rows=8, quant="16", wandb="auto")
+    url = f"sqlite:///{tmp_path}/s.db"
+    report = run_worker(load_config(sweep), WorkerOptions(storage_url=url), Said())
+    assert report.states == {0: "COMPLETE"}
+    trial = optuna.load_study(study_name="wb", storage=url).trials[0]
+    assert trial.user_attrs["wandb_mode"] == "offline"
+    assert list(Path(trial.user_attrs["wandb_dir"]).glob("*.wandb"))
+    wandb_lines = [s for s in said if s.startswith("W&B:")]
+    assert len(wandb_lines) <= 1 and all(len(s.splitlines()) == 1 for s in wandb_lines), said
+    # said once per process: this test's probe above said nothing (no reporter), the run said it once
+    assert wandb_lines and "runs are written offline" in wandb_lines[0], said
+
+
+def test_checkpoint_pushes_to_an_unreachable_hub_do_not_fail_the_trial(tmp_path):
+    """Before: with tracking.hub.push_checkpoints and an unreachable Hub the trial FAILED (ConnectError). The
+    error is recorded on the trial, said once, the later checkpoints are not pushed, and the trial completes."""
+    sweep = tiny_sweep(tmp_path, name="hubdown", trials=1, train_rows=16, test_rows=8, quant="16",
+                       wandb="disabled", train_extra=", checkpoint_every: 1",
+                       extra="  hub: {push_checkpoints: true, repo: tuner-test/down}\n")
+    sweep.write_text(sweep.read_text().replace("tracking: {wandb: {mode: disabled}}\n",
+                                               "tracking:\n  wandb: {mode: disabled}\n"))
+    url = f"sqlite:///{tmp_path}/s.db"
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HUB_OFFLINE": "0", "HF_TOKEN": HF_SECRET,
+           "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN_PATH": None, "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5"}
+    res = tuner(["run", str(sweep), "--storage", url], tmp_path, env=env, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "Traceback" not in out and HF_SECRET not in out
+    trial = optuna.load_study(study_name="hubdown", storage=url).trials[0]
+    assert trial.state.name == "COMPLETE", trial.user_attrs
+    errors = trial.user_attrs["hub_push_errors"]
+    assert len(errors) == 1 and errors[0].startswith("step 1: could not reach the Hub"), errors
+    assert trial.user_attrs["hub_push"].startswith("stopped at step 1")
+    assert trial.user_attrs["checkpoint_steps"] == [1, 2, 3]  # kept in the artifact store all the same
+    said = [line for line in out.splitlines() if "not pushed" in line]
+    assert len(said) == 1 and "trial 0: checkpoint at step 1 not pushed" in said[0], out

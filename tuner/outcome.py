@@ -66,12 +66,13 @@ class TrialOutcome:
         self.tracker = TrialTracker(ctx.cfg.tracking.wandb, study=ctx.study_name, trial_number=trial.number,
                                     config={**params.to_dict(), "study": ctx.study_name, "trial": trial.number,
                                             "retry_of": retry_of},
-                                    root=ctx.runs_root)
+                                    root=ctx.runs_root, warn=ctx.reporter.warning)
         trial.set_user_attr("wandb_run_id", self.tracker.info.run_id)
         trial.set_user_attr("wandb_mode", self.tracker.info.mode)
         self._started = False
         self._pushed: dict[str, str] = {}
         self._push_errors: list[str] = []
+        self._hub_unreachable = False
 
     # -- RunHooks ------------------------------------------------------------------------------------------------------
     def on_step(self, run: TrialRun, record: dict) -> None:
@@ -114,6 +115,8 @@ class TrialOutcome:
         if not self.ctx.hub_token:
             self.trial.set_user_attr("hub_push", "skipped: no Hugging Face token")
             return
+        if self._hub_unreachable:  # said once; each later push would wait on the network again
+            return
         from .promote import PromoteError, push_checkpoint
 
         # The chain's first trial names the repository, so that a retry resuming this trial pushes beside it.
@@ -121,10 +124,18 @@ class TrialOutcome:
         info = self._adapter_info().model_copy(update={"checkpoint_step": step})
         try:
             commit = push_checkpoint(path / "adapter", info, repo, token=self.ctx.hub_token)
-        except PromoteError as exc:  # the Hub's trouble is not the trial's: say it, record it, train on
+        except PromoteError as exc:  # the Hub's trouble is not the trial's: record it, say it once, train on
             self._push_errors.append(f"step {step}: {exc}")
             self.trial.set_user_attr("hub_push_errors", self._push_errors)
-            self.ctx.reporter.message(f"trial {self.trial.number}: checkpoint at step {step} not pushed: {exc}")
+            self._hub_unreachable = str(exc).startswith("could not reach the Hub")
+            if self._hub_unreachable:
+                self.trial.set_user_attr("hub_push", f"stopped at step {step}: the Hub could not be reached; "
+                                                     f"checkpoints kept locally and in the artifact store")
+            if len(self._push_errors) == 1:
+                later = ("its later checkpoints are not pushed" if self._hub_unreachable
+                         else "later ones are tried, failures recorded on the trial")
+                self.ctx.reporter.warning(f"trial {self.trial.number}: checkpoint at step {step} not pushed ({exc}); "
+                                          f"training goes on; {later}")
             return
         self._pushed[str(step)] = commit
         self.trial.set_user_attr("hub_checkpoints", {"repo": repo, "commits": self._pushed})
