@@ -249,7 +249,8 @@ def test_run_with_set_from_elsewhere_fresh_user_cache_and_clean(tmp_path):
 
     run_dir = study_dir / "runs" / "from-set" / "trial-0000"
     assert run_dir.is_dir() and not (elsewhere / "runs").exists()
-    # Archived in the store ... (no checkpoint is written at the last step: the kept adapter is the end of training)
+    # Archived in the store ... (the last step's checkpoint is a resume point only, not archived: the kept adapter
+    # is the end of training)
     assert trial.user_attrs["checkpoint_steps"] == [1]
     assert not (run_dir / "checkpoints").exists()  # ... and nowhere else
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

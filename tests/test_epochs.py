@@ -46,9 +46,10 @@ def test_the_best_evaluated_adapter_is_kept_not_the_last(base16, diamonds, tmp_p
     assert run.kept["step"] == 2 and run.kept["epoch"] == 1 and run.kept["last"]["step"] == 6
     assert all(torch.equal(final[k], snapshots[2][k]) for k in final)
     assert not all(torch.equal(final[k], snapshots[6][k]) for k in final)
-    # The best one survives checkpoint rotation (the newest three are kept), for `tuner promote --checkpoint`.
+    # The best one survives checkpoint rotation (the newest three are kept), for `tuner promote --checkpoint`; the
+    # last step's (a resume point for an interrupted final scoring, #15) pushes none of them out.
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
-    assert kept == ["step-000002", "step-000003", "step-000004", "step-000005"]
+    assert kept == ["step-000002", "step-000003", "step-000004", "step-000005", "step-000006"]
     assert (tmp_path / "checkpoints" / "best.safetensors").is_file()
 
 

@@ -94,8 +94,10 @@ class RichReporter:
         elif state == "PRUNED":
             line = f"[yellow]trial {number} PRUNED[/yellow] at step {attrs.get('pruned_at_step')}  ({dur})"
         elif state == "INTERRUPTED":
-            line = (f"[yellow]trial {number} stopped[/yellow]: checkpoint at step {attrs.get('checkpoint_step')}; "
-                    f"it will resume on the next `tuner run`")
+            step = attrs.get("checkpoint_step")
+            line = (f"[yellow]trial {number} stopped[/yellow]: checkpoint at step {step}; it will resume on the next "
+                    f"`tuner run`" if step is not None else f"[yellow]trial {number} stopped[/yellow] before its "
+                    f"first checkpoint; handed back, it starts again on the next `tuner run`")
         else:
             line = f"[red]trial {number} FAILED[/red] ({attrs.get('fail_reason')}): {attrs.get('fail_detail', '')}"
         self.progress.console.print(line)
@@ -639,8 +641,13 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines():  # escaped: a message quotes user input, which may look like markup
             err_console.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        err_console.print("[yellow]stopped at once; the storage is consistent (trials handed back for retry)[/]")
+    except KeyboardInterrupt as exc:
+        left = getattr(exc, "left_running", None)
+        if left:  # the worker has said why, trial by trial
+            err_console.print(f"[yellow]stopped at once; trial(s) {', '.join(map(str, left))} could not be handed "
+                              f"back and stay RUNNING until their heartbeat goes stale[/]", soft_wrap=True)
+        else:
+            err_console.print("[yellow]stopped at once; the storage is consistent (trials handed back for retry)[/]")
         return 130
 
 

@@ -53,3 +53,19 @@ class Interrupted(Exception):
     def __init__(self, checkpoint_step: int | None):
         self.checkpoint_step = checkpoint_step
         super().__init__(f"interrupted (checkpoint at step {checkpoint_step})")
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second signal stopped the worker at once, after it handed back the trials it held. `left_running`: the
+    numbers of those the storage would not take back (they stay RUNNING until their heartbeat goes stale)."""
+
+    def __init__(self, left_running: list[int]):
+        self.left_running = left_running
+        super().__init__(f"stopped at once; left RUNNING: {left_running}")
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, cut to `limit`: a database driver's error spans lines (SQL, parameters,
+    a link), and what the terminal is told about it is one line."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:limit]}"

@@ -4,7 +4,8 @@ Every tick each active run contributes its next micro-batch; the base runs once 
 or once per run (interleaved); each run's loss is taken over its own rows only and normalised by the completion
 tokens of its own optimizer step, so its gradients are exactly the ones it would get alone. A run whose step is
 complete clips its own gradients and steps its own optimizer and scheduler. Runs finish, fail or get pruned
-independently, and `supplier` hands in new runs as places free up. One run is the ordinary case.
+independently (an error raised for one run after its step, in its hooks or its checkpoint, fails that run
+only), and `supplier` hands in new runs as places free up. One run is the ordinary case.
 
     admit ──> tick: collate ─> forward ─> per-run loss ─> backward ─> step the runs whose step is complete
       ^                                                                 │ hooks: progress, checkpoint, evaluation
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from . import lora
 from .batches import collate
-from .errors import Interrupted, TrialFailure, TrialPruned
+from .errors import Interrupted, TrialFailure, TrialPruned, one_line
 from .models import repacked_layers
 from .train import TrialRun
 
@@ -165,6 +166,11 @@ class GroupLoop:
                 run.status = "pruned" if isinstance(exc, TrialPruned) else "failed"
                 run.error = exc
                 self.finish(run)
+            except Exception as exc:  # one trial's hook or checkpoint error (storage, disk, a bug) is its own
+                if run not in self.active:  # it failed while leaving the group: not a trial's error
+                    raise
+                reason = "oom" if _is_oom(exc) else "error"
+                self._fail(run, TrialFailure(reason, f"at step {run.step}: {one_line(exc, 500)}"))
 
     def step_run(self, run: TrialRun, norm: torch.Tensor, norm_f: float) -> None:
         """The optimizer step of one run, then what follows it: progress, checkpoint, evaluation, the end."""
@@ -176,6 +182,10 @@ class GroupLoop:
         if run.due_eval():
             self._evaluate(run)
         if run.done:
+            if run.checkpoint_every:
+                # After the final evaluation, so that a retry resumes with every evaluation: an interruption while
+                # the trial is scored on the test rows or its artifacts are saved does not cost its training.
+                run.save_checkpoint(self.base.resolved.name, final=True)
             self._complete(run)
             return
         run.begin_step()

@@ -47,22 +47,45 @@ class NullReporter:
 
 
 class Stopper:
-    """First SIGINT/SIGTERM: finish the step, checkpoint, hand the trial back. Second: exit now."""
+    """First SIGINT/SIGTERM: finish the step, checkpoint, hand the trial back. Second: stop at once, after the
+    trials this worker holds are handed back. Inside `shielded()` (a hand-back, a `tell`) a second signal waits
+    until the block is done, so that a trial is never left half-written or RUNNING by the signal's timing."""
 
     def __init__(self, reporter: Reporter):
         self.requested = False
         self.reporter = reporter
         self._old: dict = {}
+        self._shields = 0
+        self._deferred = False
 
     def __call__(self) -> bool:
         return self.requested
 
     def _handle(self, signum, frame):
         if self.requested:
+            if self._shields:
+                if not self._deferred:
+                    self.reporter.message(f"{signal.Signals(signum).name}: stopping once the trial being "
+                                          f"recorded is written")
+                self._deferred = True
+                return
             raise KeyboardInterrupt
         self.requested = True
         self.reporter.message(f"{signal.Signals(signum).name}: stopping after this step (checkpoint, then the trial "
                               f"is handed back for a retry); send it again to stop at once")
+
+    @contextlib.contextmanager
+    def shielded(self, reraise: bool = True):
+        """A block that a second signal does not cut: it is raised as KeyboardInterrupt when the block ends
+        (`reraise`), or only remembered (the caller is stopping at once already)."""
+        self._shields += 1
+        try:
+            yield
+        finally:
+            self._shields -= 1
+        if reraise and self._deferred and not self._shields:
+            self._deferred = False
+            raise KeyboardInterrupt
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -130,6 +153,9 @@ class BaseCache:
         self.capacity, self.cpu_bf16 = capacity, cpu_bf16
         self._bases: dict[tuple, models.Base] = {}
         self.loads = 0
+
+    def has(self, resolved: models.ResolvedModel, bits: int, device: str) -> bool:
+        return (resolved.key, bits, device) in self._bases
 
     def get(self, resolved: models.ResolvedModel, bits: int, device: str) -> models.Base:
         key = (resolved.key, bits, device)

@@ -1,7 +1,10 @@
 """Weights & Biases: one run per trial, grouped by study.
 
 Without an API key W&B runs offline: the run is written under the study's output folder and can be uploaded later
-with `wandb sync`. W&B's own caches are kept inside the output folder too unless the user set them. Knows nothing
+with `wandb sync`. With a key and `mode: auto`, the W&B server is probed first (a TCP connection, a few seconds at
+most, once per process): an unreachable server, or a run that cannot start online, makes the run offline with a
+one-line warning instead of waiting out W&B's own timeouts and failing the trial; a tracking outage never fails
+training. W&B's own caches are kept inside the output folder too unless the user set them. Knows nothing
 of training internals: it is handed dictionaries.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .config import WandbSpec
 
@@ -22,6 +26,44 @@ def resolve_mode(spec: WandbSpec) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+PROBE_TIMEOUT = 5.0  # seconds: W&B's own wait for an unreachable server is 90 s and more, per run
+_probed: dict[str, str | None] = {}  # server URL -> None (reachable) or why not; probed once per process
+
+
+def server_url() -> str:
+    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
+def unreachable(url: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """None when a TCP connection to the W&B server at `url` opens within `timeout` seconds, else why not. Behind
+    an HTTP(S) proxy the server is not probed (the connection would go through the proxy): W&B is left to try."""
+    import socket
+    import urllib.parse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return None
+    if url not in _probed:
+        parts = urllib.parse.urlsplit(url)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+                _probed[url] = None
+        except (OSError, ValueError) as exc:
+            _probed[url] = f"{type(exc).__name__}: {str(exc)[:120] or 'no answer'}"
+    return _probed[url]
+
+
+def choose_mode(spec: WandbSpec) -> tuple[str, str | None]:
+    """The mode a run starts in, and why it is offline when online was wanted (None otherwise). Only `auto` with
+    an API key is degraded: an explicit `mode: online` is the user's choice (W&B's own errors then say why)."""
+    mode = resolve_mode(spec)
+    if mode == "online" and spec.mode == "auto":
+        why = unreachable(server_url())
+        if why is not None:
+            return "offline", f"cannot reach {server_url()} ({why})"
+    return mode, None
+
+
 def _keep_caches_inside(root: Path) -> None:
     # Under root/wandb, the folder W&B writes its runs to; a root/.wandb folder would be taken for that instead.
     for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data"),
@@ -30,6 +72,9 @@ def _keep_caches_inside(root: Path) -> None:
             path = root / "wandb" / "_cache" / sub
             path.mkdir(parents=True, exist_ok=True)
             os.environ[var] = str(path)
+
+
+_warned: set[str] = set()
 
 
 @dataclass
@@ -47,8 +92,8 @@ class TrialTracker:
     """A W&B run for one trial. With mode `disabled` every call is a no-op and `info.run_id` stays None."""
 
     def __init__(self, spec: WandbSpec, *, study: str, trial_number: int, config: dict, root: Path,
-                 tags: list[str] | None = None):
-        self.mode = resolve_mode(spec)
+                 tags: list[str] | None = None, warn: Callable[[str], None] | None = None):
+        self.mode, why = choose_mode(spec)
         self.run = None
         self.info = RunInfo(self.mode)
         if self.mode == "disabled":
@@ -57,12 +102,25 @@ class TrialTracker:
 
         root.mkdir(parents=True, exist_ok=True)
         _keep_caches_inside(root)
-        self.run = wandb.init(
-            project=spec.project, entity=spec.entity, group=study, name=f"{study}/trial-{trial_number}",
-            job_type="trial", config=config, dir=str(root), mode=self.mode, tags=tags, reinit="create_new",
-            settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False,
-                                    x_disable_stats=True, x_disable_machine_info=True),
-        )
+
+        def start():
+            return wandb.init(
+                project=spec.project, entity=spec.entity, group=study, name=f"{study}/trial-{trial_number}",
+                job_type="trial", config=config, dir=str(root), mode=self.mode, tags=tags, reinit="create_new",
+                settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False,
+                                        x_disable_stats=True, x_disable_machine_info=True),
+            )
+
+        try:
+            self.run = start()
+        except Exception as exc:
+            if self.mode != "online" or spec.mode != "auto":
+                raise
+            self.mode, why = "offline", f"the online run did not start ({type(exc).__name__}: {str(exc)[:160]})"
+            self.run = start()
+        if why is not None and warn is not None and why not in _warned:  # once per process and reason
+            _warned.add(why)
+            warn(f"W&B: {why}; runs are written offline under {root / 'wandb'} (upload them with `wandb sync`)")
         self.info = RunInfo(self.mode, self.run.id, getattr(self.run, "url", None) if self.mode == "online" else None,
                             str(Path(self.run.dir).parent))
 

@@ -357,12 +357,14 @@ class TrialRun:
         return bool(self.checkpoint_every) and self.step % self.checkpoint_every == 0 and not self.done
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
-    def save_checkpoint(self, base_name: str) -> Path:
+    def save_checkpoint(self, base_name: str, final: bool = False) -> Path:
+        """`final`: the last step's checkpoint, a resume point only (neither pushed nor archived: the trial's kept
+        adapter is the end of training); it does not push an earlier one out of the `keep_checkpoints` newest."""
         state = {"step": self.step, "ticks": self.ticks, "history": self.history, "evals": self.evals,
                  "best": self.best, "optimizer": self._optimizer.state_dict(),
                  "scheduler": self._scheduler.state_dict(), "params": self.params.to_dict()}
         return checkpoints.write(self.checkpoint_root, self.step, adapter=self.adapter, base_name=base_name,
-                                 owner=self.owner, state=state, keep=self.keep_checkpoints,
+                                 owner=self.owner, state=state, keep=self.keep_checkpoints + final,
                                  best_step=self.best["step"] if self.best else None)
 
     def stats(self) -> dict:

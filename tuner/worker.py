@@ -5,8 +5,10 @@ A trial is acquired from the waiting queue (a retry of a trial whose worker died
 fresh once a budget slot is claimed, so that several workers never overshoot the budget. A worker (one `tuner run`
 process) keeps its loaded base between groups, heartbeats every trial it holds, and never leaves a trial RUNNING:
 on SIGINT/SIGTERM the loop checkpoints and the trial is handed back for a retry; a second signal exits at once
-after the same bookkeeping. What happens to a trial once it trains is `outcome`'s; signals, heartbeats and memory
-are `runtime`'s.
+after the same bookkeeping: whatever it interrupts (loading the base, scoring a baseline, training, the final
+scoring, saving artifacts), every trial this worker holds and has not told is handed back before the process ends,
+and a hand-back or `tell` under way is finished first (`Stopper.shielded`). What happens to a trial once it trains
+is `outcome`'s; signals, heartbeats and memory are `runtime`'s.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryFailedTrialCallback
 from optuna.trial import TrialState
 
-from . import artifacts, models, places
+from . import artifacts, checkpoints, models, places
 from . import storage as store
 from .baselines import ensure_base_model, ensure_classical, ensure_median, record_fits
 from .batches import auto_reason, encode
 from .config import MAX_TRIALS, SweepConfig, check_study_name
-from .errors import TunerError
+from .errors import StoppedAtOnce, TunerError, one_line
 from .loop import NO_FAULTS, Faults, train_group
 from .outcome import TrialContext, TrialOutcome
 from .prepare import prepare
@@ -99,6 +101,7 @@ class Worker:
         self.bases = BaseCache(capacity=1, cpu_bf16=cfg.train.cpu_bf16)
         self._encoded: dict[tuple, tuple] = {}
         self._mine: set[int] = set()
+        self._held: dict[int, Acquired] = {}  # acquired and not yet known to be told or handed back
         self._errors_in_a_row = 0
         self._pending: Acquired | None = None  # acquired for the next group (it needs another base)
         self._beats = contextlib.ExitStack()  # the current group's heartbeats
@@ -178,17 +181,53 @@ class Worker:
                     for number, state in self._run_group(first).items():
                         report.ran.append(number)
                         report.states[number] = state
+                        self._held.pop(number, None)  # told or handed back by its outcome (or said it could not)
             if self._timed_out():
                 self.reporter.message(f"timeout reached ({self._timeout():.0f} s): no new trials")
             report.interrupted = self.stopper.requested
+        except BaseException as exc:
+            left = self._give_back_held(exc)
+            if isinstance(exc, KeyboardInterrupt):
+                raise StoppedAtOnce(left) from None
+            raise
+        else:
+            self._give_back_held(None)  # a trial acquired for a next group that never started
         finally:
-            if self._pending is not None:  # acquired but never started: give it back untouched
-                self._hand_back(self._pending, "not_started", "the worker stopped before it started", None)
+            with self.stopper.shielded(reraise=False):
+                self.heartbeat.close()
+                self.bases.clear()
             self.stopper.uninstall()
-            self.heartbeat.close()
-            self.bases.clear()
             report.seconds = time.time() - self._t0
         return report
+
+    def _give_back_held(self, exc: BaseException | None) -> list[int]:
+        """Hand back every trial this worker acquired and that is still RUNNING in the storage: the one acquired
+        for a next group (`exc` None), or, when the worker stops on an exception (a second Ctrl-C at any point),
+        every one it holds, with the step of its newest checkpoint. Returns the numbers the storage would not take
+        back."""
+        left = []
+        with self.stopper.shielded(reraise=False):  # a third Ctrl-C does not cut the bookkeeping short
+            for number, got in list(self._held.items()):
+                step = self._newest_checkpoint(got)
+                if exc is None:
+                    reason, detail = "not_started", "the worker stopped before it started"
+                elif isinstance(exc, KeyboardInterrupt):
+                    reason = "interrupted"
+                    detail = ("stopped at once by a second signal; retried from its checkpoint at step "
+                              f"{step}" if step is not None else "stopped at once by a second signal; retried")
+                else:
+                    reason = "worker_error"
+                    detail = f"its worker stopped on {type(exc).__name__}: {str(exc)[:300]}; retried"
+                outcome = self._hand_back(got, reason, detail, step)
+                if outcome == "running":
+                    left.append(number)
+                elif outcome == "handed_back" and exc is not None:
+                    self.reporter.trial_ended(number, "INTERRUPTED", {"fail_reason": reason, "checkpoint_step": step})
+        return left
+
+    def _newest_checkpoint(self, got: Acquired) -> int | None:
+        steps = checkpoints.adapters(self.out_root / f"trial-{got.root_number:04d}" / "checkpoints")
+        return max(steps) if steps else None
 
     def _timeout(self) -> float | None:
         """`--timeout` on the command line, else the sweep's `study.timeout`."""
@@ -202,7 +241,8 @@ class Worker:
     def _next(self) -> Acquired | None:
         """Acquire a trial and sample its parameters; a trial whose set-up fails is failed here, visibly."""
         while True:
-            got = self._acquire()
+            with self.stopper.shielded():  # asked and recorded as held, or not asked: never RUNNING unheld
+                got = self._acquire()
             if got is None:
                 return None
             try:
@@ -239,7 +279,8 @@ class Worker:
                 store.bind_slot(self.storage.engine, self.study_name, slot, trial.number)
         self._mine.add(trial.number)
         self._beats.enter_context(self.heartbeat.beating(trial_id(trial)))
-        return Acquired(trial, slot, root, retry_of)
+        got = self._held[trial.number] = Acquired(trial, slot, root, retry_of)
+        return got
 
     def _describe(self, got: Acquired) -> TrialParams:
         trial = got.trial
@@ -270,10 +311,15 @@ class Worker:
         the study as places free up. A trial that needs another base waits for the next group."""
         runs: list[TrialRun] = []
         try:
-            base = self.bases.get(self.ready.resolved[first.params.model], first.params.quant_bits, self.device)
+            resolved, bits = self.ready.resolved[first.params.model], first.params.quant_bits
+            if not self.bases.has(resolved, bits, self.device):
+                self.reporter.message(f"loading the base model {first.params.model} ({bits}-bit) on {self.device}")
+            base = self.bases.get(resolved, bits, self.device)
             splits, _ = self.ready.fitted(first.params.model, first.params.max_length)
-            ensure_base_model(self.study, base, first.params.model, fixed_model=self.cfg.model.is_fixed,
-                              scorer=self.ready.scorers[first.params.model], splits=splits, reporter=self.reporter)
+            if not self.stopper.requested:  # stopping: the loop hands the trial back at once; the baseline waits
+                ensure_base_model(self.study, base, first.params.model, fixed_model=self.cfg.model.is_fixed,
+                                  scorer=self.ready.scorers[first.params.model], splits=splits,
+                                  reporter=self.reporter)
             runs.append(self._make_run(first, base))
         except Exception as exc:
             self._trial_error(first, exc)
@@ -341,7 +387,8 @@ class Worker:
                                   f"{params.max_length} tokens and were left out")
         ctx = TrialContext(study=self.study, cfg=self.cfg, splits=splits,
                            scorer=self.ready.scorers[params.model], store_dir=self.store_dir, reporter=self.reporter,
-                           device=self.device, hub_token=self.hub_token, runs_root=self.out_root.parent)
+                           device=self.device, hub_token=self.hub_token, runs_root=self.out_root.parent,
+                           shield=self.stopper.shielded)
         outcome = TrialOutcome(ctx, trial, params, base, root_number=got.root_number, retry_of=got.retry_of,
                                hand_back=functools.partial(self._hand_back, got))
         return TrialRun(name=f"trial-{trial.number}", params=params, rows=rows,
@@ -374,9 +421,18 @@ class Worker:
         if isinstance(exc, TunerError):
             raise exc
 
-    def _hand_back(self, got: Acquired, reason: str, detail: str, step: int | None, retry: bool = True) -> None:
+    def _hand_back(self, got: Acquired, reason: str, detail: str, step: int | None, retry: bool = True) -> str:
         """Mark the trial FAIL with its reason, and (for interruptions) enqueue a retry with the same parameters,
-        which will resume from the trial's latest checkpoint. Never leaves it RUNNING."""
+        which will resume from the trial's latest checkpoint. A second signal waits until this is written. Returns
+        "handed_back", "finished" (it was told already) or "running" (the storage would not take it, said on the
+        terminal: it stays RUNNING until its heartbeat goes stale)."""
+        with self.stopper.shielded():
+            outcome = self._write_hand_back(got, reason, detail, step, retry)
+        if outcome != "running":
+            self._held.pop(got.trial.number, None)
+        return outcome
+
+    def _write_hand_back(self, got: Acquired, reason: str, detail: str, step: int | None, retry: bool) -> str:
         trial = got.trial
 
         def mark() -> bool:
@@ -392,18 +448,20 @@ class Worker:
         try:
             told = with_retries(mark)
         except optuna.exceptions.UpdateFinishedTrialError:
-            return
-        except Exception as exc:  # said, not swallowed: the trial stays RUNNING until its heartbeat goes stale
-            self.reporter.warning(f"trial {trial.number}: could not hand it back to the storage ({type(exc).__name__}: "
-                                  f"{str(exc)[:200]}); after {self.cfg.study.grace_period} s without a heartbeat "
-                                  f"another worker fails and retries it")
-            return
+            return "finished"
+        except Exception as exc:  # said, not swallowed
+            self.reporter.warning(f"trial {trial.number}: could not hand it back to the storage ({one_line(exc)}); "
+                                  f"it stays RUNNING until its heartbeat goes stale "
+                                  f"(grace period {self.cfg.study.grace_period} s), then a worker fails and "
+                                  f"retries it")
+            return "running"
         if told and retry:
             try:
                 with_retries(lambda: self.retry(self.study, frozen(self.study, trial_id(trial))))
             except Exception as exc:
                 self.reporter.warning(f"trial {trial.number}: FAIL recorded, but its retry could not be queued "
-                                      f"({type(exc).__name__}: {str(exc)[:200]}); enqueue it again by hand")
+                                      f"({one_line(exc)}); enqueue it again by hand")
+        return "handed_back" if told else "finished"
 
 
 def run_worker(cfg: SweepConfig, opts: WorkerOptions, reporter: Reporter | None = None) -> WorkerReport:
