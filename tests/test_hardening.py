@@ -968,6 +968,61 @@ def test_a_hand_back_is_retried_and_a_lasting_storage_error_is_said(tmp_path, mo
         assert "it stays RUNNING until its heartbeat goes stale (grace period 120 s)" in said[0], said
 
 
+@pytest.mark.parametrize("failures", [2, 99])
+def test_a_trial_whose_end_cannot_be_recorded_is_retried_then_said(tmp_path, monkeypatch, failures):
+    """Item 8, the `finalize` half: a trial's end fails to be written (here its FAIL, after the end itself raised)
+    and the storage refuses `failures` times. The retries (1 s, 3 s) record it as FAIL with `finalize_error`; a
+    storage that keeps failing leaves it RUNNING and the terminal gets one line naming the trial."""
+    import contextlib
+    import time
+    import types
+
+    import sqlalchemy.exc
+    from optuna.trial import TrialState
+
+    from tuner.outcome import TrialOutcome
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="fin", storage=url)
+    said, ended = [], []
+    reporter = types.SimpleNamespace(warning=said.append, message=said.append,
+                                     trial_ended=lambda number, state, attrs: ended.append((number, state)))
+    outcome = TrialOutcome.__new__(TrialOutcome)
+    outcome.ctx = types.SimpleNamespace(study=study, device="cpu", reporter=reporter, shield=contextlib.nullcontext)
+    outcome.trial, outcome.t0, outcome.state = study.ask(), time.time(), "pending"
+
+    def end_fails(run, attrs):  # the end itself went wrong (a full disk while saving artifacts, say)
+        raise OSError("No space left on device")
+
+    outcome._failed = end_fails
+    run = types.SimpleNamespace(stats=dict, history=[], resumed_from_step=None, status="failed")
+    storage, real, calls, waits = study._storage, study._storage.set_trial_user_attr, [], []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if len(calls) <= failures:
+            raise sqlalchemy.exc.OperationalError("UPDATE trial_user_attributes", {},
+                                                  Exception("database is locked\n(background on this error)"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "set_trial_user_attr", flaky)
+    monkeypatch.setattr(time, "sleep", waits.append)
+    outcome.finalize(run)
+    monkeypatch.undo()
+
+    [t] = optuna.load_study(study_name="fin", storage=url).trials
+    assert waits == [1.0, 3.0] and ended == [(0, "FAIL")]
+    if failures == 2:
+        assert t.state == TrialState.FAIL and said == []
+        assert t.user_attrs["fail_reason"] == "finalize_error"
+        assert t.user_attrs["fail_detail"] == "OSError: No space left on device"
+    else:
+        assert t.state == TrialState.RUNNING
+        assert len(said) == 1 and len(said[0].splitlines()) == 1, said
+        assert said[0].startswith("trial 0: could not record its failure in the storage (OperationalError"), said
+        assert said[0].endswith("it stays RUNNING until its heartbeat goes stale"), said
+
+
 def _closed_port() -> int:
     """A local port nothing listens on (bound, then released)."""
     import socket
