@@ -1032,6 +1032,53 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def test_an_online_wandb_run_that_fails_part_way_never_fails_the_trial(tmp_path):
+    """Item 11: the network goes while an online run is logging. W&B's own client raises from `log`, `summary` or
+    `finish` (a stand-in run here: a real online run needs the W&B server). The tracker stops logging, says so once
+    and records `wandb_error`; nothing reaches the trial's training. Offline errors (local files) still raise."""
+    from tuner.config import WandbSpec
+    from tuner.tracking import RunInfo, TrialTracker
+
+    class Gone:
+        id, url, finished = "abc123", "https://wandb.example/abc123", []
+
+        def __init__(self, fail_on):
+            self.fail_on = fail_on
+            self.summary = self
+
+        def log(self, data, step=None):
+            if self.fail_on == "log":
+                raise ConnectionError("HTTPSConnectionPool(host='api.wandb.ai', port=443):\nMax retries exceeded")
+
+        def __setitem__(self, key, value):
+            if self.fail_on == "summary":
+                raise ConnectionError("connection reset by peer")
+
+        def finish(self, exit_code=0):
+            self.finished.append(exit_code)
+            if self.fail_on == "finish":
+                raise TimeoutError("upload did not finish")
+
+    for fail_on in ("log", "summary", "finish"):
+        said = []
+        tracker = TrialTracker(WandbSpec(mode="disabled"), study="s", trial_number=0, config={}, root=tmp_path,
+                               warn=said.append)
+        tracker.mode, tracker.run, tracker.info = "online", Gone(fail_on), RunInfo("online", "abc123")
+        tracker.log({"train/loss": 1.0}, step=1)
+        tracker.summary({"test/mae": 10.0})
+        tracker.log({"train/loss": 0.5}, step=2)  # after a failure: no longer logged, nothing raised
+        info = tracker.finish()
+        assert info.error and info.error.startswith(("ConnectionError", "TimeoutError")), (fail_on, info)
+        assert "\n" not in info.error and info.to_attrs()["wandb_error"] == info.error
+        assert len(said) == 1 and said[0].startswith("W&B: run abc123 stopped logging ("), (fail_on, said)
+        assert tracker.run is None
+    # Offline, the same failure is the disk's, not an outage: it is raised.
+    tracker = TrialTracker(WandbSpec(mode="disabled"), study="s", trial_number=0, config={}, root=tmp_path)
+    tracker.mode, tracker.run, tracker.info = "offline", Gone("log"), RunInfo("offline", "abc123")
+    with pytest.raises(ConnectionError):
+        tracker.log({"train/loss": 1.0}, step=1)
+
+
 def test_wandb_auto_with_a_key_and_no_server_goes_offline_quickly_and_the_trial_completes(tmp_path, monkeypatch):
     """Before: with WANDB_API_KEY set and no network, `mode: auto` waited 122 s per trial for W&B and failed it.
     The server is probed (a few seconds at most, once per process); the run goes offline with one warning line,

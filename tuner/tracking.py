@@ -83,9 +83,11 @@ class RunInfo:
     run_id: str | None = None
     url: str | None = None
     dir: str | None = None  # the run's local folder (offline: what `wandb sync` uploads)
+    error: str | None = None  # an online run that stopped logging part-way (the trial trained on)
 
     def to_attrs(self) -> dict:
-        return {"wandb_mode": self.mode, "wandb_run_id": self.run_id, "wandb_url": self.url, "wandb_dir": self.dir}
+        return {"wandb_mode": self.mode, "wandb_run_id": self.run_id, "wandb_url": self.url, "wandb_dir": self.dir,
+                "wandb_error": self.error}
 
 
 class TrialTracker:
@@ -94,7 +96,7 @@ class TrialTracker:
     def __init__(self, spec: WandbSpec, *, study: str, trial_number: int, config: dict, root: Path,
                  tags: list[str] | None = None, warn: Callable[[str], None] | None = None):
         self.mode, why = choose_mode(spec)
-        self.run = None
+        self.run, self.warn = None, warn
         self.info = RunInfo(self.mode)
         if self.mode == "disabled":
             return
@@ -126,17 +128,43 @@ class TrialTracker:
 
     def log(self, data: dict, step: int | None = None) -> None:
         if self.run is not None:
-            self.run.log(data, step=step)
+            try:
+                self.run.log(data, step=step)
+            except Exception as exc:
+                self._lost(exc)
 
     def summary(self, data: dict) -> None:
         if self.run is not None:
-            for k, v in data.items():
-                self.run.summary[k] = v
+            try:
+                for k, v in data.items():
+                    self.run.summary[k] = v
+            except Exception as exc:
+                self._lost(exc)
+
+    def _lost(self, exc: Exception) -> None:
+        """An online run that fails part-way (the network went, the server refused) stops being logged, with one
+        warning and `wandb_error` on the trial; the trial trains on. Offline writes are local files: their errors
+        are the disk's, and raise."""
+        if self.mode != "online":
+            raise exc
+        self.info.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        run, self.run = self.run, None
+        if self.warn is not None:
+            self.warn(f"W&B: run {self.info.run_id} stopped logging ({self.info.error}); the trial trains on "
+                      f"without it")
+        try:  # let W&B close what it can; an outage may make this fail too
+            run.finish(exit_code=1)
+        except Exception:
+            pass
 
     def finish(self, exit_code: int = 0) -> RunInfo:
-        """Flush and close. Raises if W&B could not write the run: a trial is only COMPLETE with its run written."""
+        """Flush and close. Offline, raises if W&B could not write the run: a trial is only COMPLETE with its run
+        written. Online, an outage is recorded (`wandb_error`) and said, never raised."""
         if self.run is not None:
-            self.run.finish(exit_code=exit_code)
+            try:
+                self.run.finish(exit_code=exit_code)
+            except Exception as exc:
+                self._lost(exc)
             self.run = None
             if self.mode == "offline":
                 files = list(Path(self.info.dir).glob("*.wandb")) if self.info.dir else []
