@@ -1079,6 +1079,48 @@ def test_an_online_wandb_run_that_fails_part_way_never_fails_the_trial(tmp_path)
         tracker.log({"train/loss": 1.0}, step=1)
 
 
+def test_wandb_auto_whose_online_run_cannot_start_goes_offline_with_one_warning(tmp_path, monkeypatch):
+    """Item 11: the W&B server answers the probe (a local port that accepts connections) but the online run cannot
+    start (W&B's client raises from `wandb.init`, as it does after its own timeout). With `mode: auto` the run is
+    started again offline, with one warning, and its offline files are written."""
+    import socket
+
+    import wandb
+
+    from tuner import tracking
+    from tuner.config import WandbSpec
+    from tuner.tracking import TrialTracker
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(tracking, "_probed", {})
+    monkeypatch.setattr(tracking, "_warned", set())
+    real_init, modes = wandb.init, []
+
+    def init(**kwargs):
+        modes.append(kwargs["mode"])
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("Run initialization has timed out after 90.0 sec.")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    said = []
+    try:
+        tracker = TrialTracker(WandbSpec(mode="auto"), study="s", trial_number=0, config={"r": 8}, root=tmp_path,
+                               warn=said.append)
+        tracker.log({"train/loss": 1.0}, step=1)
+        info = tracker.finish()
+    finally:
+        listener.close()
+    assert modes == ["online", "offline"] and info.mode == "offline" and info.error is None
+    assert len(said) == 1 and "the online run did not start (CommError" in said[0], said
+    assert list(Path(info.dir).glob("*.wandb")), info.dir
+
+
 def test_wandb_auto_with_a_key_and_no_server_goes_offline_quickly_and_the_trial_completes(tmp_path, monkeypatch):
     """Before: with WANDB_API_KEY set and no network, `mode: auto` waited 122 s per trial for W&B and failed it.
     The server is probed (a few seconds at most, once per process); the run goes offline with one warning line,
