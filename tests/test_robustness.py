@@ -102,6 +102,66 @@ def test_sigint_checkpoints_exits_cleanly_and_resumes(tmp_path):
     print(f"\nSIGINT/resume: checkpoint at step {step}; retry resumed from step {retry.user_attrs['resumed_from_step']}")
 
 
+def test_workers_that_open_a_new_postgresql_database_at_once_all_get_it(pg_url):
+    """Seen in CI: four workers started together on a new PostgreSQL database all created Optuna's tables, and one
+    exited 2 with `IntegrityError: duplicate key value violates unique constraint "pg_type_typname_nsp_index"`.
+    Eight openings at once, on a fresh database: every one gets the storage."""
+    import threading
+
+    from tuner.storage import open_storage
+
+    barrier, errors, opened = threading.Barrier(8), [], []
+
+    def open_one():
+        barrier.wait()
+        try:
+            opened.append(open_storage(pg_url))
+        except Exception as exc:  # collected: a thread's exception would not fail the test by itself
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and len(opened) == 8, errors
+    for storage in opened:
+        storage.engine.dispose()
+
+
+def test_a_lost_table_creation_race_is_retried_and_other_errors_are_not(pg_url, monkeypatch):
+    """The race above, made certain: the first opening meets PostgreSQL's catalog violation and is tried again after
+    a short wait; an error that is not that race is said at once."""
+    import sqlalchemy as sa
+
+    from tuner import storage as store
+    from tuner.errors import StorageError
+
+    real, calls, waits = optuna.storages.RDBStorage, [], []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sa.exc.IntegrityError("CREATE TABLE studies", {}, Exception(
+                'duplicate key value violates unique constraint "pg_type_typname_nsp_index"\nDETAIL: ...'))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(store.time, "sleep", waits.append)
+    store.open_storage(pg_url).engine.dispose()
+    assert len(calls) == 2 and waits == [0.5]
+
+    def refused(*args, **kwargs):
+        calls.append(1)
+        raise sa.exc.OperationalError("connect", {}, Exception('password authentication failed for user "x"'))
+
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", refused)
+    with pytest.raises(StorageError, match="password authentication failed"):
+        store.open_storage(pg_url)
+    assert len(calls) == 1 and waits == [0.5]
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_four_workers_share_one_budget_exactly(tmp_path, backend, request):
     url = f"sqlite:///{tmp_path}/s.db" if backend == "sqlite" else request.getfixturevalue("pg_url")

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import sqlite3
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -182,19 +183,34 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
     if not create and path and path != ":memory:" and not Path(path).is_file():
         raise StorageError(f"storage {mask_url(url)}: no such SQLite file ({Path(path).expanduser().resolve()}); "
                            f"nothing was created")
-    try:
-        if url.startswith("sqlite") and create:
-            _prepare_sqlite(url)
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-            heartbeat_stale_trial_callback=retry_callback)
-        _metadata.create_all(storage.engine, checkfirst=True)
-    except StorageError:
-        raise
-    except Exception as exc:  # drivers raise their own types; all mean the same thing to a user
-        reason = _scrub(str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300], url)
-        raise StorageError(f"cannot open storage {mask_url(url)}: {type(exc).__name__}: {reason}") from None
-    return storage
+    for wait in (*SCHEMA_RACE_WAITS, None):
+        try:
+            if url.startswith("sqlite") and create:
+                _prepare_sqlite(url)
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs(url), heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period, heartbeat_stale_trial_callback=retry_callback)
+            _metadata.create_all(storage.engine, checkfirst=True)
+            return storage
+        except StorageError:
+            raise
+        except Exception as exc:  # drivers raise their own types; all mean the same thing to a user
+            if wait is not None and path is None and _lost_schema_race(exc):
+                time.sleep(wait)  # the other worker has made the tables by now: the next try finds them
+                continue
+            reason = _scrub(str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0][:300], url)
+            raise StorageError(f"cannot open storage {mask_url(url)}: {type(exc).__name__}: {reason}") from None
+
+
+# Several workers started at once on a new server database all create the tables; PostgreSQL lets one win and
+# answers the others with a unique violation on its catalog (pg_type_typname_nsp_index), MySQL with "already exists".
+SCHEMA_RACE_WAITS = (0.5, 1.0, 2.0, 4.0)
+
+
+def _lost_schema_race(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc) or exc)
+    return isinstance(exc, (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError)) and any(
+        marker in text for marker in ("pg_type_typname_nsp_index", "already exists", "Duplicate entry"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
