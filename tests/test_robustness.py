@@ -203,11 +203,17 @@ def test_oom_that_persists_fails_the_trial_and_the_worker_goes_on(tmp_path):
 def test_memory_does_not_grow_over_five_trials(tmp_path):
     sweep = tiny_sweep(tmp_path, name="mem", trials=5, train_rows=8, test_rows=8, wandb="disabled",
                        quant="{choices: [4, 8]}")
+    # Every trial the same size (the largest of the tiny sweep's): a first trial at r 8 on attention and a later one
+    # at r 16 on all linear layers differ by about 500 MB of RSS that the allocator keeps (seen: +507 MB at the
+    # first large trial, flat after it), which is not a leak. The base still switches between 4 and 8 bits.
+    sweep.write_text(sweep.read_text().replace("r: {min: 8, max: 16}", "r: 16").replace(
+        "target_modules: {choices: [attention, attention+mlp]}", "target_modules: attention+mlp"))
     url = f"sqlite:///{tmp_path}/s.db"
     run_worker(load_config(sweep), WorkerOptions(storage_url=url))
     rss = [t.user_attrs["rss_mb"] for t in _trials(url, "mem")]
+    bits = [t.params.get("quant_bits") for t in _trials(url, "mem")]
     assert len(rss) == 5 and all(t.state == TrialState.COMPLETE for t in _trials(url, "mem"))
-    print(f"\nRSS after each of 5 trials (MB): {rss}")
+    print(f"\nRSS after each of 5 trials (MB): {rss}; their bits: {bits}")
     # A leak accumulates, so the last trial is compared with the first; one trial's transient peak (seen: +205 MB on
     # the fourth of five, back to -34 MB on the fifth, on an AVX512-BF16 machine) is only bounded.
     assert rss[-1] - rss[0] < 150, rss
