@@ -141,7 +141,7 @@ class TrialTracker:
             except Exception as exc:
                 self._lost(exc)
 
-    def _lost(self, exc: Exception) -> None:
+    def _lost(self, exc: Exception, close: bool = True) -> None:
         """An online run that fails part-way (the network went, the server refused) stops being logged, with one
         warning and `wandb_error` on the trial; the trial trains on. Offline writes are local files: their errors
         are the disk's, and raise."""
@@ -152,10 +152,11 @@ class TrialTracker:
         if self.warn is not None:
             self.warn(f"W&B: run {self.info.run_id} stopped logging ({self.info.error}); the trial trains on "
                       f"without it")
-        try:  # let W&B close what it can; an outage may make this fail too
-            run.finish(exit_code=1)
-        except Exception:
-            pass
+        if close:  # let W&B close what it can; an outage may make this fail too
+            try:
+                run.finish(exit_code=1)
+            except Exception:
+                pass
 
     def finish(self, exit_code: int = 0) -> RunInfo:
         """Flush and close. Offline, raises if W&B could not write the run: a trial is only COMPLETE with its run
@@ -164,7 +165,7 @@ class TrialTracker:
             try:
                 self.run.finish(exit_code=exit_code)
             except Exception as exc:
-                self._lost(exc)
+                self._lost(exc, close=False)  # `finish` itself failed: not tried again
             self.run = None
             if self.mode == "offline":
                 files = list(Path(self.info.dir).glob("*.wandb")) if self.info.dir else []
