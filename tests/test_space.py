@@ -79,3 +79,20 @@ def test_tell_on_the_last_grid_point_outside_optimize(tmp_path):
     tell(study, trials[1], state=TrialState.PRUNED)
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.PRUNED]
     assert not study._thread_local.in_optimize_loop
+
+
+def test_loraplus_ratio_is_searched_validated_and_left_out_of_old_signatures():
+    """LoRA+ is a later setting: at its default (1, plain LoRA) a sweep's signature is what it was before it existed,
+    so older studies still match; searched, it is a suggested float; outside [1, 1024] the file is refused."""
+    from tuner.config import ConfigErrors
+
+    plain = space_signature(parse_config({}))
+    assert "loraplus_ratio" not in plain
+    searched = parse_config({"search": {"loraplus_ratio": {"low": 4, "high": 32, "log": True}}})
+    assert "loraplus_ratio" in space_signature(searched)
+    trial = _study().ask()
+    p = sample(trial, searched)
+    assert 4 <= p.loraplus_ratio <= 32 and trial.params["loraplus_ratio"] == p.loraplus_ratio
+    assert sample(_study().ask(), parse_config({})).loraplus_ratio == 1.0
+    with pytest.raises(ConfigErrors, match=r"search\.loraplus_ratio"):
+        parse_config({"search": {"loraplus_ratio": 0.5}})

@@ -251,3 +251,23 @@ def test_same_loss_curve_as_trl_sfttrainer(smol, diamonds, tmp_path):
     assert len(ours) == len(theirs) == 6
     assert ours == pytest.approx(theirs, rel=2e-3), (ours, theirs)
     assert ours[-1] < ours[0]
+
+
+def test_loraplus_steps_b_at_its_ratio_of_the_learning_rate(base16, diamonds):
+    """LoRA+: B (zero at the start) takes Adam's first step at ratio x lr, A at lr. On step 1 Adam moves every
+    parameter with a gradient by lr times its sign, and A has no gradient yet (B = 0), so B's weights after one step
+    are exactly `ratio` times plain LoRA's and A's are the same."""
+    rows, _ = encode(base16.tokenizer, diamonds.train[:8], 182)
+    after = {}
+    for ratio in (1.0, 16.0):
+        run = TrialRun(f"lp{ratio:g}", params(quant_bits=16, dropout=0.0, max_steps=1, loraplus_ratio=ratio), rows,
+                       Path("/unused"), hooks=Recorder(), checkpoint_every=None)
+        train_one(base16, run, on_done=lambda r: after.__setitem__(ratio, {k: v.clone() for k, v in
+                                                                           r.adapter.state_dict().items()}))
+        assert run.status == "completed", run.error
+        assert ("LoRA+" in run.optimizer_note) == (ratio != 1.0)
+    b_keys = [k for k in after[1.0] if "lora_B" in k]
+    assert b_keys and all(after[1.0][k].abs().max() > 0 for k in b_keys)
+    for k, plain in after[1.0].items():
+        expected = plain * 16 if "lora_B" in k else plain
+        assert torch.allclose(after[16.0][k], expected, rtol=1e-4, atol=1e-9), k

@@ -188,6 +188,7 @@ def _power_of_two(v: int) -> str | None:
 FloatDim = Annotated[Dim, _dim("number", _number, lambda v: None)]
 DropoutDim = Annotated[Dim, _dim("number", _number, _between(0, 1, hi_open=True))]
 LearningRateDim = Annotated[Dim, _dim("number", _number, _between(0, 1, lo_open=True))]
+LoraPlusDim = Annotated[Dim, _dim("number", _number, _between(1, 1024))]
 WarmupDim = Annotated[Dim, _dim("number", _number, _between(0, 1, hi_open=True))]
 WeightDecayDim = Annotated[Dim, _dim("number", _number, _between(0, 10))]
 PositiveIntDim = Annotated[Dim, _dim("integer", _integer, _at_least(1))]
@@ -292,6 +293,8 @@ class SearchSpace(_Strict):
     learning_rate: LearningRateDim = Dim("fixed", value=1e-4)
     # rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r (true, false, or {choices: [false, true]}).
     use_rslora: BoolDim = Dim("fixed", value=False)
+    # LoRA+ (Hayou et al., ICML 2024, arXiv 2402.12354): B's learning rate is this many times A's (1: plain LoRA).
+    loraplus_ratio: LoraPlusDim = Dim("fixed", value=1.0)
 
     @field_validator("target_sets")
     @classmethod

@@ -422,6 +422,10 @@ class Adapter:
         """What the optimizer steps: A and B transposed (see `LoRAWeights`)."""
         return [p for w in self.weights.values() for p in (w.lora_A, w.lora_Bt)]
 
+    def b_parameters(self) -> list[nn.Parameter]:
+        """The B matrices alone (transposed): LoRA+ steps them at a higher learning rate."""
+        return [w.lora_Bt for w in self.weights.values()]
+
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """In peft's names and shapes (B as [out, r])."""
         out = []

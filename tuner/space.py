@@ -46,6 +46,7 @@ class TrialParams:
     max_steps: int | None = None
     model: str = ""
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+    loraplus_ratio: float = 1.0  # B's learning rate / A's (LoRA+)
 
     @property
     def effective_batch(self) -> int:
@@ -67,10 +68,10 @@ class TrialParams:
 # with its type. Sampling, the study's signature and grid spaces are all read off these tables. The order is the
 # order of the `suggest` calls, which a seeded sampler's draws depend on.
 SEARCH_SETTINGS: dict[str, type] = {"target_modules": str, "dropout": float, "quant_bits": int, "learning_rate": float,
-                                    "use_rslora": bool}
+                                    "use_rslora": bool, "loraplus_ratio": float}
 # Settings added after studies existed: at their default they stay out of the signature, so that a study made
 # before them is still the same search.
-LATER_DEFAULTS: dict[str, object] = {"use_rslora": False}
+LATER_DEFAULTS: dict[str, object] = {"use_rslora": False, "loraplus_ratio": 1.0}
 TRAIN_SETTINGS: dict[str, type] = {"epochs": int, "batch_size": int, "grad_accum": int, "max_length": int,
                                    "optimizer": str, "scheduler": str, "warmup_ratio": float, "weight_decay": float,
                                    "max_grad_norm": float}

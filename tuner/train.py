@@ -30,13 +30,21 @@ from .space import TrialParams
 # Optimizer and schedule
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: str):
-    """Returns (optimizer, implementation note).
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: str,
+                   b_params: list[torch.nn.Parameter] | None = None, b_ratio: float = 1.0):
+    """Returns (optimizer, implementation note). With `b_params` and a `b_ratio` other than 1 (LoRA+), those
+    parameters (the B matrices) are a second group stepped at `b_ratio` x lr; the schedule scales both groups alike.
 
     paged_adamw_32bit is AdamW's update with the optimizer state paged to CPU memory under GPU memory pressure, and a
     LoRA's state is small; torch's AdamW runs it, fused into one kernel per trial on a GPU. bitsandbytes' version
     launches a kernel and runs Python per parameter tensor (256 of them for q/k/v/o of an 8B model), which is what
     co-training 16 trials on an H200 spent much of each step on. The note records what ran."""
+    if b_params is not None and b_ratio != 1.0:
+        ids = {id(p) for p in b_params}
+        params = [{"params": [p for p in params if id(p) not in ids], "lr": lr},
+                  {"params": list(b_params), "lr": lr * b_ratio}]
+        opt, note = make_optimizer(name, params, lr, weight_decay, device)
+        return opt, f"{note}, LoRA+ (B at {b_ratio:g}x the learning rate)"
     cuda = device.startswith("cuda")
     if name in ("adamw_torch", "paged_adamw_32bit"):
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8,
@@ -182,7 +190,8 @@ class TrialRun:
         self.adapter = lora.attach(model, self.name, r=p.r, alpha=p.alpha, dropout=p.dropout,
                                    target_modules=list(p.target_modules), seed=p.seed, use_rslora=p.use_rslora)
         self._optimizer, self.optimizer_note = make_optimizer(p.optimizer, self.adapter.parameters(), p.learning_rate,
-                                                              p.weight_decay, device)
+                                                              p.weight_decay, device, self.adapter.b_parameters(),
+                                                              p.loraplus_ratio)
         self._scheduler, self.warmup_steps = make_scheduler(p.scheduler, self._optimizer, self.total_steps,
                                                             p.warmup_ratio)
         self._resume()
