@@ -162,9 +162,6 @@ class Swept:
 @pytest.fixture(scope="session")
 def swept(tmp_path_factory) -> Swept:
     """A real 2-trial sweep (4-bit SmolLM2, evaluation every 2 steps, W&B offline), run once per test session."""
-    if os.environ.get("LOCAL_SWEPT_ROOT"):  # LOCAL ONLY, NOT COMMITTED
-        r = Path(os.environ["LOCAL_SWEPT_ROOT"])
-        return Swept(r, f"sqlite:///{r}/studies.db", "shared")
     root = tmp_path_factory.mktemp("swept")
     sweep = tiny_sweep(root, name="shared", trials=2, test_rows=SWEPT_TEST_ROWS,
                        train_extra=", eval_every: 2, eval_rows: 8")

@@ -45,6 +45,9 @@ TRIALS = {
 }
 
 
+_ALONE: dict[tuple, tuple[Losses, dict]] = {}
+
+
 @pytest.mark.parametrize("batches,fused,per_row", [((4, 4, 4), True, "stacked"), ((4, 2, 4), True, "stacked"),
                                                    ((4, 2, 4), True, "segments"), ((4, 2, 4), False, "auto")],
                          ids=["stacked-equal-batches", "stacked-mixed-batches", "segments", "interleaved"])
@@ -56,10 +59,13 @@ def test_cotrained_trial_equals_the_same_trial_alone(base16, diamonds, batches, 
     rows, _ = encode(base16.tokenizer, diamonds.train[:16], 182)
     specs = {name: TrialParams.from_dict({**p.to_dict(), "batch_size": b})
              for (name, p), b in zip(TRIALS.items(), batches)}
-    alone, alone_w = Losses(), {}
-    for name, p in specs.items():
-        train_one(base16, TrialRun(name, p, rows, Path("/unused"), hooks=alone),
-                  on_done=lambda r: alone_w.__setitem__(r.name, r.adapter.state_dict()))
+    if batches not in _ALONE:  # the trials alone are the same for every variant with these batches: train once
+        alone, alone_w = Losses(), {}
+        for name, p in specs.items():
+            train_one(base16, TrialRun(name, p, rows, Path("/unused"), hooks=alone),
+                      on_done=lambda r: alone_w.__setitem__(r.name, r.adapter.state_dict()))
+        _ALONE[batches] = alone, alone_w
+    alone, alone_w = _ALONE[batches]
     together, together_w = Losses(), {}
     runs = [TrialRun(name, p, rows, Path("/unused"), hooks=together) for name, p in specs.items()]
     lora.router_of(base16.model).per_row = per_row

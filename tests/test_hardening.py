@@ -478,7 +478,8 @@ def _fuzz_values():
                             "r", "alpha", "dropout", "learning_rate", "low", "high", "log", "step", "choices",
                             "min", "max", "ratio", "max_length", "epochs", "batch_size", "heartbeat_interval",
                             "grace_period", "sampler", "pruner", "type", "seed", "eval_every", "source",
-                            "quant_bits", "target_modules", "wandb", "mode", "hub", "unknown", "source_file"])
+                            "quant_bits", "target_modules", "wandb", "mode", "hub", "unknown", "source_file",
+                            "enqueue"])
     return st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                          st.dictionaries(keys, inner, max_size=5)), max_leaves=25)
 

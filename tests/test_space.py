@@ -96,3 +96,35 @@ def test_loraplus_ratio_is_searched_validated_and_left_out_of_old_signatures():
     assert sample(_study().ask(), parse_config({})).loraplus_ratio == 1.0
     with pytest.raises(ConfigErrors, match=r"search\.loraplus_ratio"):
         parse_config({"search": {"loraplus_ratio": 0.5}})
+
+
+def test_enqueued_first_trials_are_checked_against_the_space_and_run_first(tmp_path):
+    """`study.enqueue`: the sweep's prior, its first trials. A value the space could not draw, or a setting the sweep
+    does not search, is refused naming the key; a new study queues them once, and the worker's path (pop the
+    waiting trial, sample it) trains exactly those values with the rest sampled."""
+    from tuner.config import ConfigErrors
+    from tuner.study import open_study, pop_waiting
+
+    space = {"r": {"min": 8, "max": 32}, "learning_rate": {"low": 1e-3, "high": 5e-3, "log": True},
+             "target_modules": {"choices": ["attention", "attention+mlp"]}, "quant_bits": 4,
+             "loraplus_ratio": {"choices": [1, 4]}}
+    bad = {"quant_bits": 8}, {"learning_rate": 1e-2}, {"target_modules": "mlp"}, {"r": 12}, {"nonsense": 1}
+    needles = [r"study\.enqueue\[0\]\.quant_bits: expected a setting this sweep searches \(.*learning_rate",
+               r"study\.enqueue\[0\]\.learning_rate: expected a value in \[0\.001, 0\.005\], got 0\.01",
+               r"study\.enqueue\[0\]\.target_modules: expected one of \['attention', 'attention\+mlp'\]",
+               r"study\.enqueue\[0\]\.r: expected one of \[8, 16, 32\], got 12",
+               r"study\.enqueue\[0\]\.nonsense: expected a setting this sweep searches"]
+    for entry, needle in zip(bad, needles):
+        with pytest.raises(ConfigErrors, match=needle):
+            parse_config({"search": space, "study": {"enqueue": [entry]}})
+
+    prior = {"r": 16, "learning_rate": 2e-3, "loraplus_ratio": 4}
+    cfg = parse_config({"search": space, "study": {"name": "q", "enqueue": [prior]}})
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(cfg, url)
+    open_study(cfg, url)  # opened again (a second run, a second worker): queued once
+    [waiting] = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    p = sample(optuna.Trial(study, pop_waiting(study)), cfg)
+    assert (p.r, p.learning_rate, p.loraplus_ratio) == (16, 2e-3, 4.0)
+    assert p.target_set in ("attention", "attention+mlp") and p.alpha == 32  # sampled, and alpha 2r
+    assert pop_waiting(study) is None

@@ -22,6 +22,9 @@ def cli(args, cwd: Path, timeout=900, env=None):
 
 def test_sweep_on_sqlite_end_to_end(tmp_path):
     sweep = tiny_sweep(tmp_path, name="e2e", trials=2, quant="{choices: [4, 8]}")
+    # The sweep's prior: trial 0 trains these values (the rest sampled), trial 1 is the sampler's.
+    sweep.write_text(sweep.read_text().replace(
+        "grace_period: 120}", "grace_period: 120, enqueue: [{r: 16, learning_rate: 0.002, quant_bits: 4}]}"))
     url = f"sqlite:///{tmp_path}/studies.db"
     res = cli(["run", str(sweep), "--storage", url], tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -30,6 +33,8 @@ def test_sweep_on_sqlite_end_to_end(tmp_path):
     study = optuna.load_study(study_name="e2e", storage=url)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 2
+    assert {k: trials[0].params[k] for k in ("r", "learning_rate", "quant_bits")} == {
+        "r": 16, "learning_rate": 0.002, "quant_bits": 4}
     for t in trials:
         a = t.user_attrs
         assert a["r"] in (8, 16) and a["alpha"] == 2 * a["r"]

@@ -211,6 +211,9 @@ def _dry_run(cfg, args) -> int:
             console.print(f"  {key}: {sig[key]}", markup=False, soft_wrap=True)
     for key, value in sig["train"].items():
         console.print(f"  train.{key}: {value}", markup=False, soft_wrap=True)
+    for i, params in enumerate(cfg.study.enqueue):
+        console.print(f"  first trial {i} (study.enqueue, if the study is new): "
+                      + ", ".join(f"{k}={v}" for k, v in params.items()), markup=False, soft_wrap=True)
     console.print("nothing was loaded, connected to or created", markup=False)
     return 0
 

@@ -543,6 +543,9 @@ class StudySpec(_Strict):
     artifacts: str | None = None
     # A worker that dies stops sending heartbeats; after `grace_period` seconds its trial is failed and retried.
     # Bounded: a heartbeat thread waits `heartbeat_interval` seconds, and a wait past threading.TIMEOUT_MAX dies.
+    # Trials to run first, before the sampler chooses: each a map of searched settings to values (the rest are
+    # sampled), as Optuna's `enqueue_trial`. Enqueued once, when the study is created; checked against the space.
+    enqueue: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
     heartbeat_interval: int = Field(default=30, ge=1, le=3600)
     grace_period: int = Field(default=120, ge=2, le=7 * 86400)
     max_retries: int = Field(default=3, ge=0, le=100)
@@ -651,6 +654,9 @@ def _cross_checks(cfg: SweepConfig) -> list[ConfigError]:
     if cfg.train.eval_every is not None and cfg.train.eval_rows > cfg.data.val_rows:
         out.append(ConfigError(file, "train.eval_rows", f"at most data.val_rows ({cfg.data.val_rows})",
                                cfg.train.eval_rows, has_got=True))
+    from .space import enqueue_problems  # space reads this module's types
+
+    out += [ConfigError(file, key, expected, got, has_got=True) for key, expected, got in enqueue_problems(cfg)]
     return out
 
 

@@ -131,6 +131,57 @@ def sample(trial: Suggester, cfg: SweepConfig, available_modules: "set[str] | di
                        max_steps=t.max_steps, model=model)
 
 
+def searched_dims(cfg: SweepConfig) -> dict[str, tuple[Dim, type]]:
+    """The settings this sweep samples (not fixed), by the parameter name a trial records: what `study.enqueue`
+    may name."""
+    dims = {name: dim for name, dim in setting_dims(cfg).items() if not dim[0].is_fixed}  # max_length auto: fixed
+    if not cfg.model.is_fixed:
+        dims["model"] = (Dim("choices", choices=tuple(cfg.model.keys())), str)
+    if len(cfg.search.r.values()) > 1:
+        dims["r"] = (Dim("choices", choices=tuple(cfg.search.r.values())), int)
+    if cfg.search.alpha.value is None and not cfg.search.alpha.ratio.is_fixed:
+        dims["alpha_ratio"] = (cfg.search.alpha.ratio, float)
+    return dims
+
+
+def enqueue_problems(cfg: SweepConfig) -> list[tuple[str, str, Any]]:
+    """(key, expected, got) for each `study.enqueue` value that the search space could not have drawn."""
+    dims, out = searched_dims(cfg), []
+    names = ", ".join(sorted(dims)) or "none: every setting is fixed"
+    for i, entry in enumerate(cfg.study.enqueue):
+        for name, value in entry.items():
+            key = f"study.enqueue[{i}].{name}"
+            if name not in dims:
+                out.append((key, f"a setting this sweep searches ({names})", value))
+                continue
+            dim, kind = dims[name]
+            if dim.kind == "choices":
+                if _choice(dim, value) is None:
+                    out.append((key, f"one of {list(dim.choices)}", value))
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    kind is int and not isinstance(value, int)):
+                out.append((key, f"{'an integer' if kind is int else 'a number'} in [{dim.low:g}, {dim.high:g}]",
+                            value))
+            elif not dim.low <= value <= dim.high:
+                out.append((key, f"a value in [{dim.low:g}, {dim.high:g}]", value))
+    return out
+
+
+def _choice(dim: Dim, value: Any) -> Any:
+    """The choice `value` names (4 names 4.0, but true never names 1), or None."""
+    for c in dim.choices:
+        if value == c and isinstance(value, bool) == isinstance(c, bool):
+            return c
+    return None
+
+
+def enqueued_params(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """`study.enqueue`, each value as the space holds it (a choice as the choice itself). Checked at parse time."""
+    dims = searched_dims(cfg)
+    return [{name: (_choice(dims[name][0], v) if dims[name][0].kind == "choices" else dims[name][1](v))
+             for name, v in entry.items()} for entry in cfg.study.enqueue]
+
+
 def space_signature(cfg: SweepConfig) -> dict:
     """What makes two studies comparable: the search space, the fixed training settings, the model and the data.
     Stored on the study; a run whose file differs is refused (unless forced) with the difference named."""

@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import SweepConfig
 from .errors import StorageError, TunerError
-from .space import grid_space, signature_diff, signature_hash, space_signature
+from .space import enqueued_params, grid_space, signature_diff, signature_hash, space_signature
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -64,6 +64,10 @@ def open_study(cfg: SweepConfig, storage, name: str | None = None, *, force: boo
         study.set_user_attr("sweep_file", cfg.source_file)
         study.set_user_attr("config", json.loads(cfg.model_dump_json(exclude={"source_file"})))
         study.set_user_attr("model", cfg.model.name)
+        # The sweep's first trials (its prior): queued once, on creation. Another worker creating the same study at
+        # the same moment finds them queued and does not queue them twice.
+        for params in enqueued_params(cfg):
+            study.enqueue_trial(params, skip_if_exists=True)
     elif old != new:
         diff = signature_diff(old, new)
         if not force:
