@@ -73,6 +73,7 @@ def test_sweep_on_sqlite_end_to_end(tmp_path):
     # Running again continues the same study up to the new global budget.
     more = cli(["run", str(sweep), "--storage", url, "--trials", "3"], tmp_path)
     assert more.returncode == 0, more.stderr
+    assert "study.enqueue: study e2e already existed" in more.stdout + more.stderr  # not queued twice, and said
     assert len(optuna.load_study(study_name="e2e", storage=url).trials) == 3
 
     # A different search space under the same name is refused, naming the difference; --force runs it.

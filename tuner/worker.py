@@ -129,6 +129,9 @@ class Worker:
                                        .get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         self.study = open_study(cfg, self.storage, self.study_name, force=self.opts.force,
                                 seed_offset=_seed_offset(busy))
+        if existing and cfg.study.enqueue:  # said, not silently skipped: the queue is filled only at creation
+            self.reporter.message(f"study.enqueue: study {self.study_name} already existed, so its first trials "
+                                  f"were queued when it was created and are not queued again")
         self.device = models.pick_device(self.opts.device)
         runs = places.runs_root(self.opts.storage_url, cfg.study.output_dir)
         self.out_root = runs / self.study_name
