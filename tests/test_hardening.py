@@ -440,6 +440,13 @@ def test_cli_budget_and_storage_inputs_exit_2_before_any_model_loads(tmp_path):
         res = tuner(["run", str(sweep), "--storage", url, "--trials", trials], tmp_path, timeout=600)
         assert res.returncode == 2 and "expected an integer from 1 to 100000" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr and not (tmp_path / "s.db").exists()
+    # A budget below the sweep's queued first trials (they would run past it).
+    (tmp_path / "q").mkdir()
+    queued = tiny_sweep(tmp_path / "q", trials=2)
+    queued.write_text(queued.read_text().replace("grace_period: 120}", "grace_period: 120, enqueue: [{r: 8}, {r: 16}]}"))
+    _one_line_error(tuner(["run", str(queued), "--storage", url, "--trials", "1"], tmp_path),
+                    "trials: expected at least the 2 trials of study.enqueue, got 1")
+    assert not (tmp_path / "s.db").exists()
     (tmp_path / "empty.yaml").write_text("")
     _one_line_error(tuner(["run", str(tmp_path / "empty.yaml"), "--storage", url], tmp_path), "the file is empty")
     assert not (tmp_path / "s.db").exists()

@@ -117,6 +117,8 @@ def test_enqueued_first_trials_are_checked_against_the_space_and_run_first(tmp_p
     for entry, needle in zip(bad, needles):
         with pytest.raises(ConfigErrors, match=needle):
             parse_config({"search": space, "study": {"enqueue": [entry]}})
+    with pytest.raises(ConfigErrors, match=r"study\.enqueue: expected at most study\.trials \(1\) first trials, got 2"):
+        parse_config({"search": space, "study": {"trials": 1, "enqueue": [{"r": 8}, {"r": 16}]}})
 
     prior = {"r": 16, "learning_rate": 2e-3, "loraplus_ratio": 4}
     cfg = parse_config({"search": space, "study": {"name": "q", "enqueue": [prior]}})

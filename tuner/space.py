@@ -148,6 +148,9 @@ def enqueue_problems(cfg: SweepConfig) -> list[tuple[str, str, Any]]:
     """(key, expected, got) for each `study.enqueue` value that the search space could not have drawn."""
     dims, out = searched_dims(cfg), []
     names = ", ".join(sorted(dims)) or "none: every setting is fixed"
+    if len(cfg.study.enqueue) > cfg.study.trials:  # a queued trial runs even past the budget: keep them within it
+        out.append(("study.enqueue", f"at most study.trials ({cfg.study.trials}) first trials",
+                    len(cfg.study.enqueue)))
     for i, entry in enumerate(cfg.study.enqueue):
         for name, value in entry.items():
             key = f"study.enqueue[{i}].{name}"

@@ -114,6 +114,9 @@ class Worker:
         check_study_name(self.opts.study_name)
         if self.opts.trials is not None and not 1 <= self.opts.trials <= MAX_TRIALS:  # 0 must not mean "the file's"
             raise TunerError(f"trials: expected an integer from 1 to {MAX_TRIALS}, got {self.opts.trials}")
+        if len(cfg.study.enqueue) > self.budget:  # queued trials run even past the budget
+            raise TunerError(f"trials: expected at least the {len(cfg.study.enqueue)} trials of study.enqueue, "
+                             f"got {self.budget}")
         if os.environ.get("TUNER_TORCH_THREADS"):  # set by --workers: this process's share of the cores
             import torch
 
