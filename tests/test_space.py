@@ -108,19 +108,22 @@ def test_enqueued_first_trials_are_checked_against_the_space_and_run_first(tmp_p
     space = {"r": {"min": 8, "max": 32}, "learning_rate": {"low": 1e-3, "high": 5e-3, "log": True},
              "target_modules": {"choices": ["attention", "attention+mlp"]}, "quant_bits": 4,
              "loraplus_ratio": {"choices": [1, 4]}}
-    bad = {"quant_bits": 8}, {"learning_rate": 1e-2}, {"target_modules": "mlp"}, {"r": 12}, {"nonsense": 1}
+    bad = ({"quant_bits": 8}, {"learning_rate": 1e-2}, {"target_modules": "mlp"}, {"r": 12}, {"nonsense": 1},
+           {"learning_rate": "fast"}, {"learning_rate": float("nan")})
     needles = [r"study\.enqueue\[0\]\.quant_bits: expected a setting this sweep searches \(.*learning_rate",
                r"study\.enqueue\[0\]\.learning_rate: expected a value in \[0\.001, 0\.005\], got 0\.01",
                r"study\.enqueue\[0\]\.target_modules: expected one of \['attention', 'attention\+mlp'\]",
                r"study\.enqueue\[0\]\.r: expected one of \[8, 16, 32\], got 12",
-               r"study\.enqueue\[0\]\.nonsense: expected a setting this sweep searches"]
+               r"study\.enqueue\[0\]\.nonsense: expected a setting this sweep searches",
+               r"study\.enqueue\[0\]\.learning_rate: expected a number in \[0\.001, 0\.005\], got 'fast'",
+               r"study\.enqueue\[0\]\.learning_rate: expected a number in \[0\.001, 0\.005\], got nan"]
     for entry, needle in zip(bad, needles):
         with pytest.raises(ConfigErrors, match=needle):
             parse_config({"search": space, "study": {"enqueue": [entry]}})
     with pytest.raises(ConfigErrors, match=r"study\.enqueue: expected at most study\.trials \(1\) first trials, got 2"):
         parse_config({"search": space, "study": {"trials": 1, "enqueue": [{"r": 8}, {"r": 16}]}})
 
-    prior = {"r": 16, "learning_rate": 2e-3, "loraplus_ratio": 4}
+    prior = {"r": 16, "learning_rate": "2e-3", "loraplus_ratio": 4}  # "2e-3": YAML 1.1 reads it as a string
     cfg = parse_config({"search": space, "study": {"name": "q", "enqueue": [prior]}})
     url = f"sqlite:///{tmp_path}/s.db"
     study = open_study(cfg, url)

@@ -541,11 +541,11 @@ class StudySpec(_Strict):
     output_dir: str | None = None
     # Optuna artifact store (a folder). None: `artifacts/` next to the SQLite file, or ./artifacts for a server.
     artifacts: str | None = None
-    # A worker that dies stops sending heartbeats; after `grace_period` seconds its trial is failed and retried.
-    # Bounded: a heartbeat thread waits `heartbeat_interval` seconds, and a wait past threading.TIMEOUT_MAX dies.
     # Trials to run first, before the sampler chooses: each a map of searched settings to values (the rest are
     # sampled), as Optuna's `enqueue_trial`. Enqueued once, when the study is created; checked against the space.
     enqueue: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
+    # A worker that dies stops sending heartbeats; after `grace_period` seconds its trial is failed and retried.
+    # Bounded: a heartbeat thread waits `heartbeat_interval` seconds, and a wait past threading.TIMEOUT_MAX dies.
     heartbeat_interval: int = Field(default=30, ge=1, le=3600)
     grace_period: int = Field(default=120, ge=2, le=7 * 86400)
     max_retries: int = Field(default=3, ge=0, le=100)

@@ -161,13 +161,25 @@ def enqueue_problems(cfg: SweepConfig) -> list[tuple[str, str, Any]]:
             if dim.kind == "choices":
                 if _choice(dim, value) is None:
                     out.append((key, f"one of {list(dim.choices)}", value))
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                    kind is int and not isinstance(value, int)):
+                continue
+            number = _in_range(kind, value)
+            if number is None:
                 out.append((key, f"{'an integer' if kind is int else 'a number'} in [{dim.low:g}, {dim.high:g}]",
                             value))
-            elif not dim.low <= value <= dim.high:
+            elif not dim.low <= number <= dim.high:
                 out.append((key, f"a value in [{dim.low:g}, {dim.high:g}]", value))
     return out
+
+
+def _in_range(kind: type, value: Any) -> Any:
+    """A range's value read as the range's own keys are ("2e-3", which YAML 1.1 leaves a string, is a number), or
+    None."""
+    from .config import _integer, _number
+
+    try:
+        return (_integer if kind is int else _number)(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _choice(dim: Dim, value: Any) -> Any:
@@ -181,7 +193,7 @@ def _choice(dim: Dim, value: Any) -> Any:
 def enqueued_params(cfg: SweepConfig) -> list[dict[str, Any]]:
     """`study.enqueue`, each value as the space holds it (a choice as the choice itself). Checked at parse time."""
     dims = searched_dims(cfg)
-    return [{name: (_choice(dims[name][0], v) if dims[name][0].kind == "choices" else dims[name][1](v))
+    return [{name: (_choice(dims[name][0], v) if dims[name][0].kind == "choices" else _in_range(dims[name][1], v))
              for name, v in entry.items()} for entry in cfg.study.enqueue]
 
 
