@@ -103,10 +103,13 @@ def test_each_adapter_sees_only_its_own_rows(base16, per_row):
         lora.detach(model, a)
         lora.detach(model, b)
     # Several segments take the per-row path (stacked: bmm over gathered slots), one adapter alone a plain matmul:
-    # the same sums in another order, so equal to float rounding (seen: 3e-5 on logits of magnitude 20).
-    assert torch.allclose(mixed[:2], only_a[:2], rtol=1e-5, atol=1e-4)
-    assert torch.allclose(mixed[2:], only_b[2:], rtol=1e-5, atol=1e-4)
-    assert not torch.allclose(only_a[2:], only_b[2:], atol=1e-3)
+    # the same sums in another order, so equal to float rounding, which depends on the CPU's kernels (seen: 3e-5 on
+    # logits of magnitude 20 on an AMD EPYC, 4e-4 on an Intel Xeon with AMX). Measured against how far apart the
+    # two adapters' logits are, a row through the wrong adapter could not pass.
+    gap = float((only_a - only_b).abs().max())
+    err = max(float((mixed[:2] - only_a[:2]).abs().max()), float((mixed[2:] - only_b[2:]).abs().max()))
+    print(f"adapters' logits {gap:.3g} apart; mixed batch within {err:.3g} of each alone")
+    assert gap > 1.0 and err < 1e-3 * gap
 
 
 @PATHS
