@@ -101,7 +101,7 @@ def test_the_avx512_repacking_trap_is_caught_as_zero_gradient(smol, diamonds):
     the gradients went to zero; on another they stayed nonzero but wrong, so the repack itself is what is checked.)"""
     import bitsandbytes as bnb
 
-    base = load_base(smol, 4, "cpu")
+    base = load_base(smol, 4, "cpu", dequantize=False)  # bitsandbytes' own forward, where the repacking happens
     for m in base.model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = True  # undo tuner's protection
@@ -114,6 +114,31 @@ def test_the_avx512_repacking_trap_is_caught_as_zero_gradient(smol, diamonds):
     assert run.status == "failed"
     assert run.error.reason == "repacked_base" and "after an evaluation pass at step 2" in run.error.detail
     assert run.step == 2
+
+
+def test_4bit_weights_dequantized_once_train_exactly_as_bitsandbytes_per_use(smol, base4, diamonds):
+    """On the CPU tuner dequantizes each 4-bit layer once instead of on every forward and backward: every step's loss
+    and gradient norm (each loss depends on every update before it) must be the same bits as bitsandbytes' own
+    path, and the trial records which path ran."""
+    from tuner.models import dequantized_layers
+
+    per_use = load_base(smol, 4, "cpu", dequantize=False)
+    assert dequantized_layers(base4.model) == 210 and dequantized_layers(per_use.model) == 0  # 30 layers x 7
+    rows, _ = encode(base4.tokenizer, diamonds.train[:12], 182)
+    p = params(target_set="attention+mlp", target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"))
+    runs = {}
+    for name, base in (("once", base4), ("per_use", per_use)):
+        rec = Recorder()
+        run = TrialRun(name, p, rows, Path("/unused"), hooks=rec)
+        train_one(base, run)
+        assert run.status == "completed" and run.step == 3
+        runs[name] = (run, rec.steps)
+    (once, once_steps), (use, use_steps) = runs["once"], runs["per_use"]
+    assert [s["loss"] for s in once_steps] == [s["loss"] for s in use_steps]
+    assert [s["grad_norm"] for s in once_steps] == [s["grad_norm"] for s in use_steps]
+    assert once_steps[-1]["loss"] != once_steps[0]["loss"]  # it trained
+    assert once.plan.dequantized_once and not use.plan.dequantized_once
 
 
 def test_nan_loss_fails_the_trial_with_its_reason(base16, diamonds):

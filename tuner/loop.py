@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from . import lora
 from .batches import collate
 from .errors import Interrupted, TrialFailure, TrialPruned, one_line
-from .models import repacked_layers
+from .models import dequantized_layers, repacked_layers
 from .train import TrialRun
 
 
@@ -74,6 +74,7 @@ class GroupLoop:
         self.checkpointing = gradient_checkpointing is True
         self.capacity, self.fused, self.faults = capacity, fused, faults
         self.attention = getattr(self.model.config, "_attn_implementation", None)
+        self.dequantized_once = dequantized_layers(self.model) > 0
         self.active: list[TrialRun] = []
         self.seen: list[TrialRun] = []
 
@@ -117,6 +118,7 @@ class GroupLoop:
                 continue
             run.plan.gradient_checkpointing = self.checkpointing
             run.plan.attention = self.attention
+            run.plan.dequantized_once = self.dequantized_once
             run.plan.cotrain_mode = "fused" if self.fused else "interleaved"
             if run.done:  # resumed from a checkpoint at the last step
                 self._complete(run)

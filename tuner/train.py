@@ -119,13 +119,14 @@ class ExecutionPlan:
     cotrain_mode: str = "fused"  # fused: one base pass over every trial's rows; interleaved: one pass per trial
     padded_tokens: int = 0  # positions computed, padding included
     real_tokens: int = 0
+    dequantized_once: bool = False  # 4-bit weights dequantized once per layer, not per use (models.dequantize_once)
 
     def to_dict(self) -> dict:
         waste = 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
         return {"micro_batch": self.micro_batch, "gradient_checkpointing": self.gradient_checkpointing,
                 "oom_halvings": self.oom_halvings, "oom_events": self.oom_events, "attention": self.attention,
                 "group_size": self.group_size, "cotrain_mode": self.cotrain_mode,
-                "padding_fraction": round(waste, 4)}
+                "padding_fraction": round(waste, 4), "dequantized_once": self.dequantized_once}
 
 
 @dataclass
