@@ -245,8 +245,8 @@ def dequantize_once(model, dtype, budget_bytes: int | None = None) -> int:
     time: dequantize each layer once, keep that copy (not saved anywhere) and call `F.linear` on it, exactly what
     bitsandbytes computes (`gemm_4bit`'s default kernel), without the two dequantizations per layer per step. The
     trial's weights keep their 4-bit rounding; its memory is 16-bit. Measured on SmolLM2 (r 16, all linear, batch
-    4, 2-core Intel AVX512-BF16 CPU without AMX): 1.89 rows/s per use, 2.41 once; scoring gains too (every generated token
-    ran every dequantization). Skipped, returning 0, when the copies would take more than `budget_bytes` (a quarter
+    4, 2-core Intel AVX512-BF16 CPU without AMX): 1.89 rows/s per use, 2.41 once; scoring gains too (every
+    generated token ran every dequantization). Skipped, returning 0, when the copies would take more than `budget_bytes` (a quarter
     of the machine's memory by default): a large model on a CPU keeps bitsandbytes' own path."""
     import bitsandbytes as bnb
     import torch
