@@ -18,7 +18,8 @@ def test_each_complete_trial_has_its_artifacts_in_the_store(swept, tmp_path):
     from tuner import artifacts
     from tuner.config import DataSpec
     from tuner.data import load_splits
-    from tuner.scoring import price_metrics
+    from tuner import fmt
+    from tuner.scoring import answer_spread, price_metrics
 
     study = swept.study()
     # Default location: next to the SQLite file, and recorded on the study for commands without the sweep file.
@@ -44,6 +45,11 @@ def test_each_complete_trial_has_its_artifacts_in_the_store(swept, tmp_path):
         m = price_metrics([r["prediction"] for r in rows], [r["truth"] for r in rows])
         assert m["mae"] == pytest.approx(t.user_attrs["mae"], abs=1e-6)
         assert m["hit_rate"] == pytest.approx(t.user_attrs["hit_rate"])
+        # The spread of the answers is recorded from the same predictions, and the note follows it.
+        spread = answer_spread([r["prediction"] for r in rows])
+        assert {k: t.user_attrs[k] for k in spread} == spread
+        assert t.user_attrs["collapsed"] == (spread["top_answer_share"] >= 0.5)
+        assert ("collapsed" in fmt.trial_note(t)) == t.user_attrs["collapsed"]
         assert all(r["description"] and len(r["description"]) <= 100 for r in rows)
 
         png = artifacts.fetch(store, t, artifacts.SCATTER_ATTR, tmp_path / f"{t.number}.png")

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from tuner.scoring import (PriceScorer, color_of, constant_baseline, max_integer_digits, one_row_generate,
-                           parse_price, price_metrics)
+from tuner.scoring import (PriceScorer, answer_spread, collapse_line, color_of, constant_baseline,
+                           max_integer_digits, one_row_generate, parse_price, price_metrics)
 
 
 def test_metrics_match_the_original_evaluator_by_hand():
@@ -30,6 +30,24 @@ def test_parse_is_the_originals_but_a_miss_is_none():
     assert parse_price("about 12") == 12.0
     assert parse_price("") is None and parse_price("no idea") is None
     assert max_integer_digits(18823) == 6
+
+
+def test_collapsed_answers_are_counted_and_said():
+    # The shape measured on a default trial: two prices for every row, one of them on most rows.
+    values = [1333.0] * 74 + [13333.0] * 21 + [13332.0] * 3 + [13331.0] * 2
+    spread = answer_spread(values)
+    assert spread == {"distinct_answers": 4, "top_answer": 1333.0, "top_answer_share": 0.74}
+    assert collapse_line(spread, 100) == ("74 of 100 test answers are $1,333 (4 distinct answers): the adapter "
+                                          "barely reads the descriptions")
+    # Unparseable answers are one answer among the others, and can be the collapse.
+    assert answer_spread([None, None, 5.0])["top_answer"] is None
+    assert "no parseable price" in collapse_line(answer_spread([None, None, 5.0]), 3)
+    # Half the rows on one answer is the threshold; below it, and varied answers, nothing is said.
+    assert collapse_line(answer_spread([7.0, 7.0, 1.0, 2.0]), 4) is not None
+    assert collapse_line(answer_spread([7.0, 7.0, 1.0, 2.0, 3.0]), 5) is None
+    assert collapse_line(answer_spread([float(v) for v in range(100)]), 100) is None
+    with pytest.raises(ValueError):
+        answer_spread([])
 
 
 @pytest.fixture(scope="module")

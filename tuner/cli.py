@@ -238,6 +238,10 @@ def _print_verdict(study) -> None:
         return
     obj = study.user_attrs.get("objective", "mae")
     line = fmt.verdict(obj, study.direction.name == "MAXIMIZE", best.value, baselines(study))
+    if best.user_attrs.get("collapsed"):  # its number would read as modest learning; it is not
+        a = best.user_attrs
+        line += (f"; its answers collapsed ({a.get('top_answer_share', 0):.0%} of the test rows got one price, "
+                 f"{a.get('distinct_answers')} distinct)")
     console.print(f"[bold]{line}[/bold] (trial {best.number})", soft_wrap=True)
 
 

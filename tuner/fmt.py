@@ -90,6 +90,8 @@ def trial_note(t: FrozenTrial) -> str:
         notes.append("promoted")
     if a.get("overfit_epochs"):
         notes.append("overfit")
+    if a.get("collapsed"):
+        notes.append(f"collapsed ({a.get('top_answer_share', 0):.0%} one answer)")
     return " ".join(n for n in notes if n)
 
 

@@ -22,7 +22,7 @@ from .config import SweepConfig
 from .data import Splits
 from .errors import Interrupted, TrialFailure, one_line
 from .runtime import Reporter, memory_attrs
-from .scoring import PriceScorer, price_metrics
+from .scoring import PriceScorer, answer_spread, collapse_line, price_metrics
 from .space import TrialParams
 from .study import baselines, tell, with_retries
 from .tracking import TrialTracker
@@ -179,6 +179,10 @@ class TrialOutcome:
         metrics = price_metrics([p.value for p in res.predictions], [e.price for e in test])
         metrics["off_grammar_rate"] = sum(p.off_grammar_steps > 0 for p in res.predictions) / len(test)
         metrics["score_rows_per_s"] = res.rows_per_s
+        spread = answer_spread([p.value for p in res.predictions])  # on the trial, not a metric: see `collapse_line`
+        collapsed = collapse_line(spread, len(test))
+        if collapsed:
+            ctx.reporter.warning(f"trial {self.trial.number}: {collapsed}")
         adapter_dir = run.run_dir / "adapter"
         lora.save_adapter(run.adapter, adapter_dir, self.base.resolved.name, self.base.resolved.revision)
         info = self._adapter_info()
@@ -194,6 +198,7 @@ class TrialOutcome:
             raise
         attrs.update(saved)
         attrs.update(metrics)
+        attrs.update(spread, collapsed=collapsed is not None)
         attrs["adapter_path"] = str(adapter_dir.resolve())
         self.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
         # The baselines beside the trial's own numbers, where a W&B user compares runs.
