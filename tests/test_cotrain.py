@@ -38,7 +38,8 @@ class Losses:
 
 TRIALS = {
     "a": params(r=8, alpha=16, dropout=0.1, learning_rate=2e-3, seed=1),
-    "b": params(r=16, alpha=8, dropout=0.05, learning_rate=1e-3, seed=2, target_set="attention+mlp",
+    # b alone adds the number-token loss: its weight applies to its own rows only.
+    "b": params(r=16, alpha=8, dropout=0.05, learning_rate=1e-3, seed=2, target_set="attention+mlp", number_loss=0.5,
                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
     "c": params(r=4, alpha=4, dropout=0.0, learning_rate=3e-3, seed=3, target_set="qv",
                 target_modules=("q_proj", "v_proj"), optimizer="sgd", scheduler="linear"),

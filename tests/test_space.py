@@ -81,6 +81,22 @@ def test_tell_on_the_last_grid_point_outside_optimize(tmp_path):
     assert not study._thread_local.in_optimize_loop
 
 
+def test_number_loss_is_searched_validated_and_left_out_of_old_signatures():
+    """train.number_loss came after studies existed: at 0 the signature is what it was; set, it is in it; a range
+    is sampled; negative weights are refused."""
+    from tuner.config import ConfigErrors
+
+    assert "number_loss" not in space_signature(parse_config({}))["train"]
+    assert space_signature(parse_config({"train": {"number_loss": 0.5}}))["train"]["number_loss"] == "0.5"  # described
+    assert sample(_study().ask(), parse_config({"train": {"number_loss": 0.5}})).number_loss == 0.5
+    trial = _study().ask()
+    p = sample(trial, parse_config({"train": {"number_loss": {"low": 0.1, "high": 1.0}}}))
+    assert 0.1 <= p.number_loss <= 1.0 and trial.params["number_loss"] == p.number_loss
+    assert sample(_study().ask(), parse_config({})).number_loss == 0.0
+    with pytest.raises(ConfigErrors, match=r"train\.number_loss"):
+        parse_config({"train": {"number_loss": -1}})
+
+
 def test_loraplus_ratio_is_searched_validated_and_left_out_of_old_signatures():
     """LoRA+ is a later setting: at its default (1, plain LoRA) a sweep's signature is what it was before it existed,
     so older studies still match; searched, it is a suggested float; outside [1, 1024] the file is refused."""

@@ -296,3 +296,48 @@ def test_loraplus_steps_b_at_its_ratio_of_the_learning_rate(base16, diamonds):
     for k, plain in after[1.0].items():
         expected = plain * 16 if "lora_B" in k else plain
         assert torch.allclose(after[16.0][k], expected, rtol=1e-4, atol=1e-9), k
+
+
+def test_number_loss_grades_each_digit_by_its_distance_from_the_truth(tokenizer):
+    """NTL-WAS by hand: sum_d p(d) |d - y| over the ten digit tokens at a digit label, nothing elsewhere."""
+    from tuner.loop import digit_table, number_token_loss
+
+    table = digit_table(tokenizer)
+    ids = [tokenizer.encode(str(d), add_special_tokens=False)[0] for d in range(10)]
+    assert [int(table[i]) for i in ids] == list(range(10)) and int((table >= 0).sum()) == 10
+    dot = tokenizer.encode(".", add_special_tokens=False)[0]
+    logits = torch.zeros(5, len(table))
+    logits[0, ids[3]] = 60.0  # sure of 3, the truth 5: distance 2
+    # row 1: every digit alike (the other tokens do not count): the mean distance to 5 is 2.5
+    logits[2, ids[5]] = 60.0  # sure of the truth: nothing
+    labels = torch.tensor([ids[5], ids[5], ids[5], dot, -100])  # rows 3, 4: not a digit, not scored
+    got = number_token_loss(logits, labels, table)
+    assert got.tolist() == pytest.approx([2.0, 2.5, 0.0, 0.0, 0.0], abs=1e-6)
+
+    class Grouped:  # a tokenizer that writes some digit with two tokens cannot have the loss
+        def get_vocab(self):
+            return {"a": 0, "b": 1}
+
+        def __len__(self):
+            return 2
+
+        def encode(self, text, add_special_tokens=False):
+            return [0, 1] if text == "7" else [0]
+
+    assert digit_table(Grouped()) is None
+
+
+def test_number_loss_adds_its_weight_times_the_digit_distance_to_the_step_loss(base16, diamonds):
+    """The first step's loss (same weights, no dropout) is cross-entropy plus number_loss x the mean digit distance:
+    linear in the weight, and 0 leaves the recipe's loss unchanged."""
+    rows, _ = encode(base16.tokenizer, diamonds.train[:4], 182)
+    first = {}
+    for w in (0.0, 0.5, 1.0):
+        rec = Recorder()
+        run = TrialRun(f"nl{int(w * 10)}", params(quant_bits=16, dropout=0.0, max_steps=1, number_loss=w), rows,
+                       Path("/unused"), hooks=rec, checkpoint_every=None)
+        train_one(base16, run)
+        assert run.status == "completed", run.error
+        first[w] = rec.steps[0]["loss"]
+    assert first[0.5] - first[0.0] > 0.05
+    assert first[1.0] - first[0.0] == pytest.approx(2 * (first[0.5] - first[0.0]), rel=1e-4)

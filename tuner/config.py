@@ -189,6 +189,7 @@ FloatDim = Annotated[Dim, _dim("number", _number, lambda v: None)]
 DropoutDim = Annotated[Dim, _dim("number", _number, _between(0, 1, hi_open=True))]
 LearningRateDim = Annotated[Dim, _dim("number", _number, _between(0, 1, lo_open=True))]
 LoraPlusDim = Annotated[Dim, _dim("number", _number, _between(1, 1024))]
+NumberLossDim = Annotated[Dim, _dim("number", _number, _between(0, 100))]
 WarmupDim = Annotated[Dim, _dim("number", _number, _between(0, 1, hi_open=True))]
 WeightDecayDim = Annotated[Dim, _dim("number", _number, _between(0, 10))]
 PositiveIntDim = Annotated[Dim, _dim("integer", _integer, _at_least(1))]
@@ -332,6 +333,9 @@ class TrainSpace(_Strict):
     warmup_ratio: WarmupDim = Dim("fixed", value=0.03)
     weight_decay: WeightDecayDim = Dim("fixed", value=0.001)
     max_grad_norm: MaxGradNormDim = Dim("fixed", value=0.3)
+    # Weight of the number-token loss added at every digit of the price (0: cross-entropy alone, the recipe's):
+    # the expected distance between the predicted digit and the true one (`loop.number_token_loss`).
+    number_loss: NumberLossDim = Dim("fixed", value=0.0)
     seed: int = Field(default=42, ge=0, le=SEED_MAX)
     eval_every: int | None = Field(default=None, ge=1, le=10**8)
     eval_rows: int = Field(default=32, ge=1, le=10**8)

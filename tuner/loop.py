@@ -33,6 +33,33 @@ from .models import dequantized_layers, repacked_layers
 from .train import TrialRun
 
 
+def digit_table(tokenizer) -> torch.Tensor | None:
+    """[vocab] the digit each single-digit token stands for, -1 for every other token; None when the tokenizer has
+    no token for some digit 0-9 (the number-token loss needs all ten)."""
+    vocab = tokenizer.get_vocab()
+    table = torch.full((max(len(tokenizer), max(vocab.values()) + 1),), -1, dtype=torch.long)
+    for d in range(10):
+        ids = tokenizer.encode(str(d), add_special_tokens=False)
+        if len(ids) != 1:
+            return None
+        table[ids[0]] = d
+    return table
+
+
+def number_token_loss(logits: torch.Tensor, labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Per-token number loss (NTL-WAS, Zausinger et al., "Regress, Don't Guess", 2025): at a label that is a digit,
+    the expected distance between the predicted digit and the true one, sum_d p(d) |d - y|, with p the model's
+    distribution over the ten digit tokens; 0 elsewhere. Cross-entropy treats a 4 for a 5 as wrong as a 9; this
+    term grades it. logits [..., vocab], labels [...] (-100: not scored), table from `digit_table`."""
+    table = table.to(labels.device)
+    ids = (table >= 0).nonzero().squeeze(-1)
+    ids = ids[table[ids].argsort()]  # the token of 0, of 1, ... of 9
+    truth = torch.where(labels >= 0, table[labels.clamp(min=0)], torch.full_like(labels, -1))
+    p = torch.softmax(logits[..., ids].float(), dim=-1)
+    dist = (torch.arange(10, device=logits.device) - truth.clamp(min=0).unsqueeze(-1)).abs().to(p.dtype)
+    return torch.where(truth >= 0, (p * dist).sum(-1), torch.zeros((), dtype=p.dtype, device=p.device))
+
+
 @dataclass(frozen=True)
 class Faults:
     """Faults the loop injects into itself, for tests of the paths that handle them: the loss of step
@@ -75,6 +102,7 @@ class GroupLoop:
         self.capacity, self.fused, self.faults = capacity, fused, faults
         self.attention = getattr(self.model.config, "_attn_implementation", None)
         self.dequantized_once = dequantized_layers(self.model) > 0
+        self._digits: torch.Tensor | None = None  # `digit_table`, made when a run first asks for the number loss
         self.active: list[TrialRun] = []
         self.seen: list[TrialRun] = []
 
@@ -241,10 +269,18 @@ class GroupLoop:
             logits = out.logits[:, :-1, :].float()
             token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1),
                                          ignore_index=-100, reduction="none").view(batch.labels.shape)
-            # Every run's summed loss in one tensor, read in one transfer after the backward is queued: a transfer
-            # per run, or one before the backward, would wait for the GPU.
             seg_of_row = torch.tensor([i for i, (_, s, e, _) in enumerate(batch.segments) for _ in range(s, e)],
                                       device=device)
+            weights = [run.params.number_loss for run, _ in parts]
+            if any(weights):  # each run's own weight on its own rows
+                if self._digits is None:
+                    self._digits = digit_table(self.base.tokenizer)
+                if self._digits is None:  # `prepare` refuses such a sweep; a direct caller gets the reason
+                    raise ValueError("train.number_loss needs a tokenizer with one token for each digit 0-9")
+                per_row = torch.tensor(weights, device=device, dtype=token_loss.dtype)[seg_of_row]
+                token_loss = token_loss + per_row[:, None] * number_token_loss(logits, batch.labels, self._digits)
+            # Every run's summed loss in one tensor, read in one transfer after the backward is queued: a transfer
+            # per run, or one before the backward, would wait for the GPU.
             seg_sums = token_loss.new_zeros(len(parts)).index_add_(0, seg_of_row, token_loss.sum(dim=1))
             # A run whose loss is not finite gets weight 0 through masked_fill (NaN * 0 would still be NaN), so its
             # rows send no gradient to anyone else; NaN stays inside its own rows, which only its own adapter reads.

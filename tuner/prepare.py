@@ -74,6 +74,13 @@ def check_model(cfg: SweepConfig, spec: ModelSpec, where: str) -> tuple[models.R
         for name in cfg.search.target_modules.values():
             models.resolve_targets(cfg.search.target_set(name), modules, name)
         tok = models.load_tokenizer(resolved)
+        nl = cfg.train.number_loss
+        if not (nl.is_fixed and nl.value == 0):
+            from .loop import digit_table
+
+            if digit_table(tok) is None:
+                raise TunerError(f"model {spec.name!r}: train.number_loss needs a tokenizer with one token for "
+                                 f"each digit 0-9, and this one has none for some digit; set train.number_loss: 0")
     except TunerError as exc:
         raise TunerError(f"{where}: {str(exc).removeprefix(f'model {spec.name!r}: ')}") from None
     except Exception as exc:

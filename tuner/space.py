@@ -47,6 +47,7 @@ class TrialParams:
     model: str = ""
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
     loraplus_ratio: float = 1.0  # B's learning rate / A's (LoRA+)
+    number_loss: float = 0.0  # weight of the number-token loss at the price's digits (0: cross-entropy alone)
 
     @property
     def effective_batch(self) -> int:
@@ -71,10 +72,10 @@ SEARCH_SETTINGS: dict[str, type] = {"target_modules": str, "dropout": float, "qu
                                     "use_rslora": bool, "loraplus_ratio": float}
 # Settings added after studies existed: at their default they stay out of the signature, so that a study made
 # before them is still the same search.
-LATER_DEFAULTS: dict[str, object] = {"use_rslora": False, "loraplus_ratio": 1.0}
+LATER_DEFAULTS: dict[str, object] = {"use_rslora": False, "loraplus_ratio": 1.0, "number_loss": 0.0}
 TRAIN_SETTINGS: dict[str, type] = {"epochs": int, "batch_size": int, "grad_accum": int, "max_length": int,
                                    "optimizer": str, "scheduler": str, "warmup_ratio": float, "weight_decay": float,
-                                   "max_grad_norm": float}
+                                   "max_grad_norm": float, "number_loss": float}
 
 
 def setting_dims(cfg: SweepConfig) -> dict[str, tuple[Dim, type]]:
@@ -204,6 +205,11 @@ def space_signature(cfg: SweepConfig) -> dict:
         return d.describe()
 
     s, t, data = cfg.search, cfg.train, cfg.data
+
+    def later(section, k: str) -> bool:  # a setting added after studies existed, at its default
+        d = getattr(section, k)
+        return d.is_fixed and LATER_DEFAULTS.get(k, object()) == d.value
+
     return {
         "model": cfg.model.keys() if not cfg.model.is_fixed else cfg.model.options[0].name,
         "model_revision": cfg.model.revision,
@@ -213,10 +219,10 @@ def space_signature(cfg: SweepConfig) -> dict:
         "objective": cfg.study.objective,
         "r": [s.r.min, s.r.max],
         "alpha": s.alpha.value if s.alpha.value is not None else {"ratio": dim(s.alpha.ratio)},
-        **{k: dim(getattr(s, k)) for k in SEARCH_SETTINGS
-           if not (getattr(s, k).is_fixed and LATER_DEFAULTS.get(k, object()) == getattr(s, k).value)},
+        **{k: dim(getattr(s, k)) for k in SEARCH_SETTINGS if not later(s, k)},
         "target_sets": {k: s.target_set(k) for k in s.target_modules.values()},
-        "train": {k: dim(getattr(t, k)) for k in TRAIN_SETTINGS} | {"seed": t.seed, "max_steps": t.max_steps},
+        "train": {k: dim(getattr(t, k)) for k in TRAIN_SETTINGS if not later(t, k)}
+        | {"seed": t.seed, "max_steps": t.max_steps},
     }
 
 

@@ -297,7 +297,7 @@ class Worker:
                            ("target_set", params.target_set),
                            ("target_modules_resolved", list(params.target_modules)),
                            ("effective_batch", params.effective_batch), ("device", self.device),
-                           ("model", params.model)):
+                           ("model", params.model), ("number_loss", params.number_loss)):
             trial.set_user_attr(key, value)
         if got.retry_of is not None:
             trial.set_user_attr("retry_of", got.retry_of)
