@@ -117,3 +117,5 @@ def test_default_sweep_is_the_measured_one():
     # 16), and a learning-rate range that excludes the diverged 5.7e-3.
     assert cfg.train.cotrain == 1
     assert 1e-3 < cfg.search.learning_rate.low and cfg.search.learning_rate.high < 5.7e-3
+    # The number-token loss on (cross-entropy alone collapsed to a few answers: README's table).
+    assert cfg.train.number_loss.value == 0.5
