@@ -51,9 +51,9 @@ def number_token_loss(logits: torch.Tensor, labels: torch.Tensor, table: torch.T
     the expected distance between the predicted digit and the true one, sum_d p(d) |d - y|, with p the model's
     distribution over the ten digit tokens; 0 elsewhere. Cross-entropy treats a 4 for a 5 as wrong as a 9; this
     term grades it. logits [..., vocab], labels [...] (-100: not scored), table from `digit_table`."""
-    table = table.to(labels.device)
-    ids = (table >= 0).nonzero().squeeze(-1)
-    ids = ids[table[ids].argsort()]  # the token of 0, of 1, ... of 9
+    table = table.to(labels.device)  # the loop keeps it there: no copy per step
+    # The token of 0, of 1, ... of 9, found on the device: `nonzero` would wait for the GPU on every step.
+    ids = (table[None, :] == torch.arange(10, device=table.device)[:, None]).int().argmax(-1)
     truth = torch.where(labels >= 0, table[labels.clamp(min=0)], torch.full_like(labels, -1))
     p = torch.softmax(logits[..., ids].float(), dim=-1)
     dist = (torch.arange(10, device=logits.device) - truth.clamp(min=0).unsqueeze(-1)).abs().to(p.dtype)
@@ -275,6 +275,7 @@ class GroupLoop:
             if any(weights):  # each run's own weight on its own rows
                 if self._digits is None:
                     self._digits = digit_table(self.base.tokenizer)
+                    self._digits = None if self._digits is None else self._digits.to(device)
                 if self._digits is None:  # `prepare` refuses such a sweep; a direct caller gets the reason
                     raise ValueError("train.number_loss needs a tokenizer with one token for each digit 0-9")
                 per_row = torch.tensor(weights, device=device, dtype=token_loss.dtype)[seg_of_row]
