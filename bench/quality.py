@@ -9,6 +9,11 @@ on one machine. Each approach's best test MAE is printed as a fraction of the co
 Equal wall time: tuner's default study runs first, to its own budget; its wall time W is then the plain loop's
 budget, and only plain trials that ended within W count. Both take their best trial by its test MAE, which is how
 a study's value is defined (see README, "What a trial is").
+
+What the plain loop does not get is what tuner's default adds to a bare Optuna study: the sweep's queued first trial
+(`study.enqueue`, the measured best), pruning on validation MAE, and the adapter kept at its best validation step
+(the plain loop scores each trial's last step). The plain loop is TPE alone over the same space, as a user of
+Optuna without tuner would run it.
 """
 
 from __future__ import annotations
