@@ -89,6 +89,47 @@ def test_a_prompt_that_cannot_fit_even_without_its_description_is_named(tokenize
         fit_splits(tokenizer, load_splits(spec), 20, spec)
 
 
+def test_train_tokens_keeps_the_first_rows_that_fit_for_training_and_baselines_alike(tokenizer, tmp_path):
+    """data.train_tokens: the first train rows whose fitted lengths add up to the limit, nothing else changed; the
+    baselines read the same rows; a limit that keeps no row, or too few for train.eval_every, is refused by name."""
+    from tuner.baselines import classical
+    from tuner.config import parse_config
+    from tuner.prepare import prepare
+    from tuner.space import space_signature
+
+    data = long_texts(tmp_path / "d.csv", 60, (20, 160))
+
+    def cfg(**data_keys):
+        return parse_config({"data": {"source": str(data), "train_rows": 40, "val_rows": 8, "test_rows": 12,
+                                      **data_keys}, "train": {"max_length": 100, "batch_size": 4, "eval_every": 2, "eval_rows": 8}})
+
+    full = prepare(cfg())
+    assert full.token_budget is None and len(full.splits.train) == 40
+    lengths = [min(row_length(tokenizer, e.prompt, e.completion), 100) for e in full.splits.train]
+    assert len(set(lengths)) > 5  # short and cut rows alike: the limit counts each row at its fitted length
+    limit = sum(lengths[:25]) + lengths[25] - 1  # row 25 would pass it by one token
+    ready = prepare(cfg(train_tokens=limit))
+    assert [e.row_id for e in ready.splits.train] == [e.row_id for e in full.splits.train[:25]]
+    assert ready.splits.val == full.splits.val and ready.splits.test == full.splits.test
+    [(fitted, fit)] = ready.fits.values()
+    assert [e.row_id for e in fitted.train] == [e.row_id for e in full.splits.train[:25]] and fit.rows == 25 + 8 + 12
+    assert ready.token_budget == {"train_tokens": limit, "rows": 25, "of": 40, "tokens": sum(lengths[:25]),
+                                  "line": f"data.train_tokens {limit:,}: a trial trains on the first 25 of 40 train "
+                                          f"rows ({sum(lengths[:25]):,} tokens, rows of up to 100); the baselines "
+                                          f"fit the same 25"}
+    assert classical(ready.splits.train, ready.splits.val, ready.splits.test)["train_rows"] == 25
+    assert prepare(cfg(train_tokens=sum(lengths))).token_budget["line"].endswith(": all 40 train rows fit "
+                                                                                 f"({sum(lengths):,} tokens)")
+    with pytest.raises(DataError, match=r"^data.train_tokens 16: not one train row fits .* raise data.train_tokens"):
+        prepare(cfg(train_tokens=16))
+    # 5 rows are 2 steps of 4: train.eval_every 2 would never be reached.
+    with pytest.raises(DataError, match=r"^data.train_tokens [\d,]+ keeps 5 train rows, 2 optimizer steps, and "
+                                        r"train.eval_every is 2"):
+        prepare(cfg(train_tokens=sum(lengths[:5])))
+    assert "train_tokens" not in space_signature(cfg())["data"]  # studies made before it keep their signature
+    assert space_signature(cfg(train_tokens=limit))["data"]["train_tokens"] == limit
+
+
 def test_classical_baseline_beats_the_constant_on_diamonds(diamonds):
     from tuner.baselines import classical
     from tuner.scoring import constant_baseline
@@ -193,7 +234,7 @@ def test_tuner_data_says_what_a_study_will_train_on(tmp_path):
     out = res.stdout
     assert res.returncode == 0, out + res.stderr
     assert "61 rows read; skipped: 1 missing price" in out
-    assert "splits: train 40, validation 8, test 12" in out
+    assert "splits: train 40, validation 8, test 12" in out and "data.train_tokens" not in out
     assert "tokens per row (prompt + price): 5% " in out and "train.max_length 100" in out
     assert "descriptions cut to fit 100 tokens; median cut" in out
     bars = [line for line in out.splitlines() if re.fullmatch(r"\s+\$[\d,]+ -\s+\$[\d,]+\s+#*\s+\d+", line)]
@@ -203,3 +244,8 @@ def test_tuner_data_says_what_a_study_will_train_on(tmp_path):
     sweep.write_text(sweep.read_text().replace("max_length: 100", "max_length: 50"))
     res = tuner(["data", str(sweep)], tmp_path)
     assert res.returncode == 0 and "WARNING: " in res.stdout and "most descriptions lose more than 25%" in res.stdout
+    # A token limit says which train rows a trial gets, and the baselines below are fitted on those.
+    res = tuner(["data", str(sweep), "--set", "data.train_tokens=1000"], tmp_path)
+    kept = re.search(r"data.train_tokens 1,000: a trial trains on the first (\d+) of 40 train rows", res.stdout)
+    assert res.returncode == 0 and kept and 1000 // 50 <= int(kept[1]) < 40, res.stdout + res.stderr
+    assert f"splits: train {kept[1]}, validation 8, test 12" in res.stdout

@@ -121,3 +121,19 @@ def test_default_sweep_is_the_measured_one():
     assert cfg.study.enqueue == [{"r": 16, "learning_rate": 1.4e-3, "dropout": 0.06}]
     # The number-token loss on (cross-entropy alone collapsed to a few answers: README's table).
     assert cfg.train.number_loss.value == 0.5
+
+
+def test_the_default_token_limit_keeps_every_diamond_and_bounds_long_listings():
+    """data.train_tokens in the default: every diamonds row trains (the measured 1,000-row default), while the Ames
+    listings, three times longer, are held to about as many tokens, so pointing the default at long text keeps a
+    trial's time (README: 22 minutes for one trial without it)."""
+    from tuner.config import load_config
+    from tuner.prepare import prepare
+
+    cfg = load_config(REPO / "sweeps" / "default.yaml")
+    diamonds = prepare(cfg)
+    assert diamonds.token_budget["rows"] == diamonds.token_budget["of"] == cfg.data.train_rows
+    ames = prepare(load_config(REPO / "sweeps" / "default.yaml", ["data.source=builtin:ames"]))
+    kept = ames.token_budget
+    assert kept["of"] == cfg.data.train_rows and 300 <= kept["rows"] <= 400 and len(ames.splits.train) == kept["rows"]
+    assert kept["tokens"] <= cfg.data.train_tokens < 1.2 * diamonds.token_budget["tokens"]

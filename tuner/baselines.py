@@ -67,13 +67,15 @@ def ensure_classical(study: optuna.Study, splits: Splits) -> None:
 
 
 def record_fits(study: optuna.Study, ready) -> None:
-    """How the rows were fitted to each token budget (and what `max_length: auto` chose), on the study, where
-    `tuner status` and the dashboard read it."""
+    """How the rows were fitted to each token budget (what `max_length: auto` chose, what `data.train_tokens`
+    kept), on the study, where `tuner status` and the dashboard read it."""
     fits = dict(study.user_attrs.get("fits", {}))
     fits.update({f"{model}@{budget}": fit.summary() for (model, budget), (_, fit) in ready.fits.items()})
     study.set_user_attr("fits", fits)
     if ready.auto_lengths:
         study.set_user_attr("max_length_auto", ready.auto_lengths)
+    if ready.token_budget:
+        study.set_user_attr("token_budget", ready.token_budget)
 
 
 def base_model_key(model: str, bits: int, fixed_model: bool) -> str:

@@ -251,6 +251,9 @@ def _print_fits(study) -> None:
         model, _, _ = key.rpartition("@")
         name = "" if len(study.user_attrs.get("fits", {})) == 1 else f"{fmt.short_model(model)}: "
         console.print(f"data: {name}{fit.get('line', '')}", soft_wrap=True)
+    budget = study.user_attrs.get("token_budget")
+    if budget and budget["rows"] < budget["of"]:
+        console.print(f"data: {budget['line']}", soft_wrap=True)
 
 
 def cmd_data(args) -> int:

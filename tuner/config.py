@@ -452,6 +452,10 @@ class DataSpec(_Strict):
     text_column: str = "text"
     price_column: str = "price"
     train_rows: int = Field(default=512, ge=1, le=10**8)
+    # The most tokens (prompt and price, fitted to train.max_length) one epoch of a trial trains on: train rows are
+    # taken in order while they fit, so that long texts cost a trial about the time short ones do. The rows left
+    # out are said in the run output and `tuner data`; the baselines fit the same rows. None: every train row.
+    train_tokens: int | None = Field(default=None, ge=16, le=10**12)
     val_rows: int = Field(default=64, ge=1, le=10**8)
     test_rows: int = Field(default=128, ge=1, le=10**8)
     seed: int = Field(default=0, ge=0, le=SEED_MAX)
@@ -629,10 +633,11 @@ def _smallest(d: Dim) -> Any:
     return min(d.values())
 
 
-def min_total_steps(cfg: SweepConfig) -> int:
-    """Optimizer steps of the shortest trial the space allows: largest batch and accumulation, fewest epochs."""
+def min_total_steps(cfg: SweepConfig, rows: int | None = None) -> int:
+    """Optimizer steps of the shortest trial the space allows on `rows` train rows (data.train_rows unless given):
+    largest batch and accumulation, fewest epochs."""
     t = cfg.train
-    per_epoch = math.ceil(cfg.data.train_rows / (_largest(t.batch_size) * _largest(t.grad_accum)))
+    per_epoch = math.ceil((rows or cfg.data.train_rows) / (_largest(t.batch_size) * _largest(t.grad_accum)))
     steps = per_epoch * _smallest(t.epochs)
     return min(steps, t.max_steps) if t.max_steps else steps
 

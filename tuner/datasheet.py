@@ -26,6 +26,7 @@ class Datasheet:
     sizes: dict[str, int]
     prices: list[float]  # train, validation and test
     lengths: dict[str, dict] = field(default_factory=dict)  # per model: percentiles and the fit
+    token_budget: dict | None = None  # what data.train_tokens kept
     median_mae: float = 0.0
     classical_mae: float = 0.0
     classical_seconds: float = 0.0
@@ -36,7 +37,8 @@ def build(cfg: SweepConfig) -> Datasheet:
     s = ready.splits
     rows = s.train + s.val + s.test
     sheet = Datasheet(s.source, s.rows_read, dict(s.skipped), {"train": len(s.train), "validation": len(s.val),
-                                                               "test": len(s.test)}, [e.price for e in rows])
+                                                               "test": len(s.test)}, [e.price for e in rows],
+                      token_budget=ready.token_budget)
     for model, tok in ready.tokenizers.items():
         lengths = np.array([row_length(tok, e.prompt, e.completion) for e in rows])
         budgets = sorted({b for (m, b) in ready.fits if m == model})
@@ -66,6 +68,8 @@ def render(sheet: Datasheet, cfg: SweepConfig) -> list[str]:
     skipped = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in sorted(sheet.skipped.items())) or "none"
     lines = [f"data: {sheet.source}: {sheet.rows_read:,} rows read; skipped: {skipped}",
              "splits: " + ", ".join(f"{k} {v}" for k, v in sheet.sizes.items())]
+    if sheet.token_budget:
+        lines.append(sheet.token_budget["line"])
     budget = "auto" if cfg.train.max_length.value == "auto" else cfg.train.max_length.describe()
     for model, ln in sheet.lengths.items():
         name = "" if cfg.model.is_fixed else f"{short_model(model)}: "

@@ -215,7 +215,8 @@ def space_signature(cfg: SweepConfig) -> dict:
         "model_revision": cfg.model.revision,
         "data": {"source": data.source, "train_rows": data.train_rows, "val_rows": data.val_rows,
                  "test_rows": data.test_rows, "seed": data.seed, "text_column": data.text_column,
-                 "price_column": data.price_column},
+                 "price_column": data.price_column}
+        | ({"train_tokens": data.train_tokens} if data.train_tokens is not None else {}),  # absent: studies before it
         "objective": cfg.study.objective,
         "r": [s.r.min, s.r.max],
         "alpha": s.alpha.value if s.alpha.value is not None else {"ratio": dim(s.alpha.ratio)},

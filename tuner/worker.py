@@ -164,6 +164,8 @@ class Worker:
                 self.reporter.warning(f"{name}{fit.warning()}")
             else:
                 self.reporter.message(f"{name}{fit.line()}")
+        if self.ready.token_budget and self.ready.token_budget["rows"] < self.ready.token_budget["of"]:
+            self.reporter.message(self.ready.token_budget["line"])
 
     # -- the main loop ------------------------------------------------------------------------------------------
     def run(self) -> WorkerReport:
