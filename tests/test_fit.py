@@ -101,7 +101,8 @@ def test_train_tokens_keeps_the_first_rows_that_fit_for_training_and_baselines_a
 
     def cfg(**data_keys):
         return parse_config({"data": {"source": str(data), "train_rows": 40, "val_rows": 8, "test_rows": 12,
-                                      **data_keys}, "train": {"max_length": 100, "batch_size": 4, "eval_every": 2, "eval_rows": 8}})
+                                      **data_keys},
+                             "train": {"max_length": 100, "batch_size": 4, "eval_every": 2, "eval_rows": 8}})
 
     full = prepare(cfg())
     assert full.token_budget is None and len(full.splits.train) == 40

@@ -115,10 +115,11 @@ def test_default_sweep_is_the_measured_one():
     assert cfg.train.max_length.value == "auto" and cfg.study.trials >= 3
     # One trial at a time on the CPU (the first complete trial, which pruning compares with, comes at 6 minutes, not
     # 16), a learning-rate range around the measured best that excludes 3.3e-3 (54-62%) and the diverged 5.7e-3,
-    # and that measured best as the first trial.
+    # and the measured best rates for short and long runs as the first trials.
     assert cfg.train.cotrain == 1
     assert 1e-3 <= cfg.search.learning_rate.low and cfg.search.learning_rate.high < 3.3e-3
-    assert cfg.study.enqueue == [{"r": 16, "learning_rate": 1.4e-3, "dropout": 0.06}]
+    assert cfg.study.enqueue == [{"r": 16, "learning_rate": 1.4e-3, "dropout": 0.06},  # 250 steps (diamonds)
+                                 {"r": 16, "learning_rate": 2.5e-3, "dropout": 0.06}]  # 88 (Ames)
     # The number-token loss on (cross-entropy alone collapsed to a few answers: README's table).
     assert cfg.train.number_loss.value == 0.5
 
