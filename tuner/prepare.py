@@ -76,10 +76,9 @@ def fit_every_budget(ready: Prepared) -> None:
 
 def largest_budget(ready: Prepared, model: str) -> int:
     """The longest row (in tokens) a trial of this sweep can train `model` on."""
-    dim = ready.cfg.train.max_length
-    if dim.kind == "fixed" and dim.value == "auto":
+    if model in ready.auto_lengths:  # resolved by `resolve_auto`
         return int(ready.auto_lengths[model]["value"])
-    return int(max(dim.values()))
+    return int(max(ready.cfg.train.max_length.values()))
 
 
 def take_token_budget(ready: Prepared) -> None:
