@@ -24,8 +24,13 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/tuner run sweeps/default.yaml
 
+# Two test processes: the suite waits on subprocesses, servers and disks a third of the time, which one process
+# leaves idle (2-core fp32-only CPU: 43 minutes in one). Each takes its share of the cores (tests/conftest.py), and
+# a module's tests stay in one process, so its fixtures are built once. TEST_WORKERS=0 runs them all in this one.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache runs studies.db studies.db-* .pytest_cache

@@ -23,6 +23,14 @@ os.environ.setdefault("HF_HOME", str(REPO / ".cache" / "huggingface"))
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the Hub in tests
 os.environ.pop("WANDB_API_KEY", None)
 
+# Under pytest-xdist (`make test` runs two test processes) each process, and every tuner it starts, takes its
+# share of the cores: two torch processes with a thread per core each would fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    if "torch" in sys.modules:  # a plugin imported it before this file: it read the variable already
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 PG_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
 
 
