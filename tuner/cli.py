@@ -658,8 +658,32 @@ def main(argv: list[str] | None = None) -> int:
                               f"back and stay RUNNING until their heartbeat goes stale[/]", soft_wrap=True)
         else:
             err_console.print("[yellow]stopped at once; the storage is consistent (trials handed back for retry)[/]")
+        _STOPPED_AT_ONCE.append(130)
         return 130
 
 
-if __name__ == "__main__":
+# A second Ctrl-C raises KeyboardInterrupt wherever the main thread is. When that is inside code a C extension runs
+# through PyRun_String (torch does, while a model loads), CPython marks the interrupt as unhandled although `main`
+# caught it, and after finalizing ends the process by SIGINT instead of returning 130 (seen in 1 of 4 second Ctrl-Cs
+# during loading, on one core). The exit handler registered first runs last, after every other handler and after
+# the threads are joined: it leaves with the code `main` returned.
+_STOPPED_AT_ONCE: list[int] = []
+
+
+def _leave_with_the_code() -> None:
+    if _STOPPED_AT_ONCE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_STOPPED_AT_ONCE[0])
+
+
+def entry() -> None:
+    """The `tuner` command and `python -m tuner.cli` (tests call `main` in their own process instead)."""
+    import atexit
+
+    atexit.register(_leave_with_the_code)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
