@@ -662,11 +662,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-# A second Ctrl-C raises KeyboardInterrupt wherever the main thread is. When that is inside code a C extension runs
-# through PyRun_String (torch does, while a model loads), CPython marks the interrupt as unhandled although `main`
-# caught it, and after finalizing ends the process by SIGINT instead of returning 130 (seen in 1 of 4 second Ctrl-Cs
-# during loading, on one core). The exit handler registered first runs last, after every other handler and after
-# the threads are joined: it leaves with the code `main` returned.
+# A second Ctrl-C raises KeyboardInterrupt wherever the main thread is. Seen in 1 of 4 second Ctrl-Cs while the model
+# loads (one core): `main` caught it and returned 130, yet the process died by SIGINT, as CPython ends it when it
+# judges an interrupt unhandled (it does so for one that leaves code a C extension ran through PyRun_String; a
+# `<string>` frame was seen there). The exit handler registered first runs last, after every other handler and
+# after the threads are joined: it leaves with the code `main` returned.
 _STOPPED_AT_ONCE: list[int] = []
 
 
