@@ -154,7 +154,7 @@ def main() -> None:
         if args.seed is not None:
             cfg["train"]["seed"] = cfg["study"]["sampler"]["seed"] = args.seed
         if args.smoke:
-            cfg["study"].update(trials=2, timeout=None, pruner={"type": "none"})
+            cfg["study"].update(trials=2, timeout=None, deadline=None, pruner={"type": "none"})
             cfg["data"].update(train_rows=16, val_rows=8, test_rows=8)
             cfg["train"].update(eval_every=None, eval_rows=8, max_length_cap=96)
         best, wall, base = run_tuner(cfg, f"sqlite:///{work}/{slug}-tuner.db", work / f"{slug}-runs")

@@ -545,7 +545,8 @@ def test_fuzz_command_lines_exit_0_or_2_without_a_traceback(tmp_path):
     from tuner.cli import main
 
     sweep = tiny_sweep(tmp_path, trials=2)
-    flags = st.sampled_from(["--trials", "--timeout", "--study", "--storage", "--workers", "--artifacts", "--device"])
+    flags = st.sampled_from(["--trials", "--timeout", "--deadline", "--study", "--storage", "--workers", "--artifacts",
+                             "--device"])
     values = st.one_of(st.sampled_from(["0", "-3", "1", "1e20", "99999999999999999999", "abc", "../x", "", "90s",
                                         "-1m", "postgresql://:pw@h/db", "postgresql://u:p@h:port/db", "sqlite://",
                                         "x" * 600, "[/]", "nan", "inf"]), st.text(max_size=10))

@@ -20,17 +20,9 @@ def test_median_pruner_stops_bad_trials_and_keeps_their_curves(tmp_path):
     # not yet moved its validation MAE. 3e-3, not 5e-3: 5e-3 sits at the edge of divergence (its MAE rose to 31k by
     # step 8) and moved its step-4 MAE by 0.2% under sdpa attention and not at all under eager; 3e-3 moves it by
     # 2% (6129 -> 6018) under either.
-    sweep = tiny_sweep(tmp_path, name="prune", trials=4, train_rows=32, wandb="disabled",
-                       train_extra=", eval_every: 4, eval_rows: 8, cotrain: 1, checkpoint_every: 2")
-    text = sweep.read_text().replace("learning_rate: {low: 1.0e-3, high: 3.0e-3, log: true}",
-                                     "learning_rate: {choices: [1.0e-7, 2.0e-7, 3.0e-3, 3.0e-7]}")
-    text = text.replace("r: {min: 8, max: 16}", "r: 8").replace("dropout: {low: 0.0, high: 0.1}", "dropout: 0.0")
-    text = text.replace("target_modules: {choices: [attention, attention+mlp]}", "target_modules: attention")
-    text = text.replace("study: {name: prune,", "study: {sampler: {type: grid, seed: 0}, "
-                        "pruner: {type: median, n_startup_trials: 1}, name: prune,")
-    sweep.write_text(text)
     url = f"sqlite:///{tmp_path}/s.db"
-    run_worker(load_config(sweep), WorkerOptions(storage_url=url))
+    run_worker(load_config(_grid_sweep(tmp_path, "[1.0e-7, 2.0e-7, 3.0e-3, 3.0e-7]", "n_startup_trials: 1")),
+               WorkerOptions(storage_url=url))
     study = optuna.load_study(study_name="prune", storage=url)
     trials = study.trials
     assert trials[0].params["learning_rate"] == 3.0e-3, "the grid's seeded order changed"
@@ -52,6 +44,33 @@ def test_median_pruner_stops_bad_trials_and_keeps_their_curves(tmp_path):
         else:
             assert sorted(t.intermediate_values) == [4, 8] and t.user_attrs["steps"] == 8
             assert t.value == t.user_attrs["mae"]  # the objective is the test split's, not the last validation
+
+
+def _grid_sweep(tmp_path, rates: str, pruner: str):
+    """One trial at a time over a grid of learning rates, 8 steps each, evaluated at steps 4 and 8."""
+    sweep = tiny_sweep(tmp_path, name="prune", trials=rates.count(",") + 1, train_rows=32, wandb="disabled",
+                       train_extra=", eval_every: 4, eval_rows: 8, cotrain: 1, checkpoint_every: 2")
+    text = sweep.read_text().replace("learning_rate: {low: 1.0e-3, high: 3.0e-3, log: true}",
+                                     f"learning_rate: {{choices: {rates}}}")
+    text = text.replace("r: {min: 8, max: 16}", "r: 8").replace("dropout: {low: 0.0, high: 0.1}", "dropout: 0.0")
+    text = text.replace("target_modules: {choices: [attention, attention+mlp]}", "target_modules: attention")
+    text = text.replace("study: {name: prune,", "study: {sampler: {type: grid, seed: 0}, "
+                        f"pruner: {{type: median, {pruner}}}, name: prune,")
+    sweep.write_text(text)
+    return sweep
+
+
+def test_a_trial_past_the_pruners_until_share_runs_to_its_end(tmp_path):
+    # The hopeless rate of the test above, behind the good one at step 4, but step 4 is half of its 8 steps and the
+    # pruner asks only until 40% of them: it is never asked, and trains and is scored to its end.
+    url = f"sqlite:///{tmp_path}/s.db"
+    run_worker(load_config(_grid_sweep(tmp_path, "[1.0e-7, 3.0e-3]", "n_startup_trials: 1, until: 0.4")),
+               WorkerOptions(storage_url=url))
+    good, hopeless = optuna.load_study(study_name="prune", storage=url).trials
+    assert good.params["learning_rate"] == 3.0e-3, "the grid's seeded order changed"
+    assert hopeless.intermediate_values[4] > good.intermediate_values[4]  # the median pruner would stop it here
+    assert hopeless.state == TrialState.COMPLETE and sorted(hopeless.intermediate_values) == [4, 8]
+    assert hopeless.user_attrs["steps"] == 8 and "pruned_at_step" not in hopeless.user_attrs
 
 
 def test_non_finite_loss_fails_the_trial_with_its_reason(tmp_path):

@@ -10,6 +10,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from optuna.trial import TrialState
+
 from conftest import REPO, tiny_sweep, tuner_cmd
 from wandb_files import summary as wandb_summary
 
@@ -70,11 +72,15 @@ def test_sweep_on_sqlite_end_to_end(tmp_path):
     assert best.returncode == 0 and f"best trial {study.best_trial.number}" in best.stdout
     assert "adapter_path" in best.stdout and "param learning_rate" in best.stdout
 
-    # Running again continues the same study up to the new global budget.
-    more = cli(["run", str(sweep), "--storage", url, "--trials", "3"], tmp_path)
+    # Running again continues the same study up to the new global budget. Under a 2-second deadline the new
+    # worker's first trial starts (the deadline is ahead, and no trial has ended to say how long one takes), but no
+    # second one, neither beside it (loading the base takes longer than that) nor after it, though the budget
+    # allows two more. How the estimate stops a trial before the deadline: the tests of `deadline_reason` below.
+    more = cli(["run", str(sweep), "--storage", url, "--trials", "4", "--deadline", "2s"], tmp_path)
     assert more.returncode == 0, more.stderr
     assert "study.enqueue: study e2e already existed" in more.stdout + more.stderr  # not queued twice, and said
     assert len(optuna.load_study(study_name="e2e", storage=url).trials) == 3
+    assert "deadline 0m02s reached: no new trials" in more.stdout, more.stdout
 
     # A different search space under the same name is refused, naming the difference; --force runs it.
     changed = tiny_sweep(tmp_path, name="e2e", trials=3, quant="16")
@@ -105,12 +111,15 @@ def test_default_sweep_is_the_measured_one():
     from tuner.config import load_config
 
     cfg = load_config(REPO / "sweeps" / "default.yaml")
-    # No trial starts after the timeout; the last ones started finish, at about 0.4 s per row of training there
-    # (2.5 rows/s measured), so one trial's training alone must stay within a few minutes.
-    assert cfg.study.timeout is not None and cfg.study.timeout <= 8 * 60
+    # A trial starts only while it would end by the deadline, which leaves start-up and the leaderboard inside 15
+    # minutes; the first trial always starts, at about 0.4 s per row of training on a fp32-only CPU (2.5 rows/s
+    # measured), so one trial's training alone must stay well within them.
+    assert cfg.study.deadline is not None and cfg.study.deadline <= 14.5 * 60 and cfg.study.timeout is None
     assert cfg.data.train_rows * 0.4 <= 7 * 60
     assert cfg.study.pruner.type == "successive_halving" and cfg.train.eval_every is not None
     assert cfg.study.pruner.min_resource % cfg.train.eval_every == 0  # each rung falls on an evaluation
+    # No cut past half a trial (PrunerSpec.until): the first rung, at least, falls before it.
+    assert cfg.study.pruner.until == 0.5 and cfg.study.pruner.min_resource <= 0.5 * cfg.data.train_rows / 4
     assert cfg.search.target_modules.value == "attention+mlp" and cfg.train.batch_size.value == 4
     assert cfg.train.max_length.value == "auto" and cfg.study.trials >= 3
     # One trial at a time on the CPU (the first complete trial, which pruning compares with, comes at 6 minutes, not
@@ -138,3 +147,35 @@ def test_the_default_token_limit_keeps_every_diamond_and_bounds_long_listings():
     kept = ames.token_budget
     assert kept["of"] == cfg.data.train_rows and 300 <= kept["rows"] <= 400 and len(ames.splits.train) == kept["rows"]
     assert kept["tokens"] <= cfg.data.train_tokens < 1.2 * diamonds.token_budget["tokens"]
+
+
+def test_a_trial_is_estimated_from_the_longest_ended_one_scaled_to_all_its_steps():
+    """`study.deadline`'s estimate: a pruned trial stopped early and a resumed one started late are scaled to all
+    their steps, since a new trial cannot know it will be pruned; trials without a duration are not guesses."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from tuner.worker import trial_estimate
+
+    def ended(state, **attrs):
+        return create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None,
+                            params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)}, user_attrs=attrs)
+
+    assert trial_estimate([]) is None
+    assert trial_estimate([ended(TrialState.COMPLETE, duration_s=200.0, steps=250, total_steps=250)]) == 200.0
+    pruned = ended(TrialState.PRUNED, duration_s=60.0, steps=50, total_steps=250)  # 1.2 s a step: 300 s in all
+    assert trial_estimate([ended(TrialState.COMPLETE, duration_s=200.0, steps=250, total_steps=250), pruned]) == 300
+    resumed = ended(TrialState.COMPLETE, duration_s=100.0, steps=250, total_steps=250, resumed_from_step=150)
+    assert trial_estimate([resumed]) == 250.0
+    assert trial_estimate([ended(TrialState.PRUNED, steps=50, total_steps=250)]) is None  # no duration recorded
+
+
+def test_the_deadline_stops_a_trial_that_would_end_after_it():
+    from tuner.worker import deadline_reason
+
+    assert deadline_reason(0.0, 870.0, None) is None  # nothing has ended yet: the first trial starts
+    assert deadline_reason(400.0, 870.0, 220.0) is None  # 400 + 220 s ends before 870
+    assert deadline_reason(700.0, 870.0, 220.0) == ("deadline 14m30s: 2m50s left, and a trial takes up to 3m40s "
+                                                    "here: no new trials")
+    assert deadline_reason(870.0, 870.0, None) == "deadline 14m30s reached: no new trials"
+

@@ -76,19 +76,20 @@ def _config(sweep: Any, overrides: Sequence[str]):
 
 
 def run(sweep: Any, *, trials: int | None = None, storage: str = DEFAULT_STORAGE, study: str | None = None,
-        overrides: Iterable[str] = (), timeout: float | None = None, device: str | None = None,
-        force: bool = False) -> RunResult:
+        overrides: Iterable[str] = (), timeout: float | None = None, deadline: float | None = None,
+        device: str | None = None, force: bool = False) -> RunResult:
     """Create or resume the study of `sweep` (a YAML path, a mapping shaped like the file, or a `SweepConfig`)
-    and run trials until its budget (`trials`, else the sweep's `study.trials`) is spent. `overrides`: the CLI's
-    `--set KEY=VALUE` items."""
+    and run trials until its budget (`trials`, else the sweep's `study.trials`) is spent, or its `timeout` or
+    `deadline` (seconds; else the sweep's) says no new trial may start. `overrides`: the CLI's `--set KEY=VALUE`
+    items."""
     from .quiet import scoped
 
     with scoped():
         from .worker import WorkerOptions, run_worker
 
         cfg = _config(sweep, list(overrides))
-        opts = WorkerOptions(storage_url=storage, study_name=study, trials=trials, timeout=timeout, device=device,
-                             force=force)
+        opts = WorkerOptions(storage_url=storage, study_name=study, trials=trials, timeout=timeout,
+                             deadline=deadline, device=device, force=force)
         report = run_worker(cfg, opts)
         loaded = _load(report.study_name, storage)
     return RunResult(study=loaded, ran=list(report.ran), interrupted=report.interrupted, seconds=report.seconds)

@@ -151,7 +151,7 @@ def cmd_run(args) -> int:
             console.print(f"(no leaderboard: {exc})")
         return code
     opts = WorkerOptions(storage_url=args.storage, study_name=args.study, trials=args.trials, timeout=args.timeout,
-                         device=args.device, force=args.force, artifacts=args.artifacts)
+                         deadline=args.deadline, device=args.device, force=args.force, artifacts=args.artifacts)
     name = args.study or cfg.study.name
     console.print(f"study [bold]{name}[/bold] in {mask_url(args.storage)}; budget "
                   f"{args.trials or cfg.study.trials} trials; sweep {args.sweep}")
@@ -530,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trials", type=_int_between(1, MAX_TRIALS),
                    help="global trial budget for the study (all workers together)")
     r.add_argument("--timeout", type=_duration_arg, help="stop starting trials after this long (90s, 30m, 2h)")
+    r.add_argument("--deadline", type=_duration_arg, help="end by then: start a trial only while the longest one "
+                                                          "seen so far would still end in time (15m, 2h)")
     r.add_argument("--study", help="study name (overrides the sweep file)")
     r.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     r.add_argument("--force", action="store_true", help="run even if the study's search space differs")

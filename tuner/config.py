@@ -489,6 +489,11 @@ class PrunerSpec(_Strict):
     n_warmup_steps: int = Field(default=0, ge=0, le=10**8)
     min_resource: Annotated[int, Field(ge=1, le=10**8)] | Literal["auto"] = "auto"
     reduction_factor: int = Field(default=3, ge=2, le=1000)
+    # The share of a trial's steps after which it is no longer pruned (1: to its end, Optuna's way). A late cut saves
+    # little: stopping a trial at 80% of its steps saves a fifth of it, and a few validation rows rank close trials
+    # by chance (default study, diamonds: trial 2 was cut at step 200 of 250, 25% behind on 32 validation rows, but
+    # trained to its end the same settings scored 4% better than the trial kept).
+    until: float = Field(default=1.0, gt=0, le=1)
 
     @model_validator(mode="after")
     def _keys_of_this_pruner(self) -> "PrunerSpec":
@@ -496,11 +501,13 @@ class PrunerSpec(_Strict):
         # has no rungs: a key the chosen pruner would ignore is refused, not dropped.
         applies = {"n_startup_trials": ("median",), "n_warmup_steps": ("median",),
                    "min_resource": ("successive_halving", "hyperband"),
-                   "reduction_factor": ("successive_halving", "hyperband")}
+                   "reduction_factor": ("successive_halving", "hyperband"),
+                   "until": ("median", "successive_halving", "hyperband")}
         for key, types in applies.items():
             if key in self.model_fields_set and self.type not in types:
+                names = " and ".join([", ".join(types[:-1]), types[-1]] if len(types) > 1 else types)
                 raise _SubKeyError(f".{key}", f"expected no {key} with type {self.type} (it applies to "
-                                              f"{' and '.join(types)} only)")
+                                              f"{names} only)")
         return self
 
 
@@ -542,6 +549,9 @@ class StudySpec(_Strict):
     name: str = "default"
     trials: int = Field(default=4, ge=1, le=MAX_TRIALS)
     timeout: Annotated[float | None, BeforeValidator(_duration)] = None
+    # Wall-clock time this worker may take: a new trial starts only while the longest trial it has seen end would
+    # still end by then (see `worker.Worker._deadline_reached`). Trials are never cut at the deadline.
+    deadline: Annotated[float | None, BeforeValidator(_duration)] = None
     objective: Literal["mae", "rmsle", "hit_rate"] = "mae"
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()

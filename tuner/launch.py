@@ -27,7 +27,8 @@ def worker_command(args, index: int) -> list[str]:
     # The storage URL may hold a password: it goes to the workers in their environment (TUNER_STORAGE, read by
     # `tuner run` as its default), never on a command line, which every user of the machine can read in `ps`.
     cmd = [sys.executable, "-m", "tuner.cli", "run", args.sweep, "--workers", "1"]
-    for flag, value in (("--trials", args.trials), ("--timeout", args.timeout), ("--study", args.study),
+    for flag, value in (("--trials", args.trials), ("--timeout", args.timeout),
+                        ("--deadline", getattr(args, "deadline", None)), ("--study", args.study),
                         ("--device", args.device), ("--artifacts", getattr(args, "artifacts", None))):
         if value is not None:
             cmd += [flag, str(value)]

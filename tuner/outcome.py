@@ -105,7 +105,9 @@ class TrialOutcome:
         value = metrics[cfg.study.objective]
         self.trial.report(value, step)
         self.tracker.log({f"val/{k}": v for k, v in metrics.items() if k != "n"}, step=step)
-        return Evaluation(value, prune=not run.done and self.trial.should_prune())
+        # Past `pruner.until` of its steps a trial is not asked about: it runs to its end (see PrunerSpec.until).
+        askable = not run.done and step <= cfg.study.pruner.until * run.total_steps
+        return Evaluation(value, prune=askable and self.trial.should_prune())
 
     def on_checkpoint(self, run: TrialRun, step: int, path: Path) -> None:
         self.trial.set_user_attr("last_checkpoint_step", step)

@@ -24,7 +24,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryFailedTrialCallback
 from optuna.trial import TrialState
 
-from . import artifacts, checkpoints, models, places
+from . import artifacts, checkpoints, fmt, models, places
 from . import storage as store
 from .baselines import ensure_base_model, ensure_classical, ensure_median, record_fits
 from .batches import auto_reason, encode
@@ -46,6 +46,7 @@ class WorkerOptions:
     study_name: str | None = None
     trials: int | None = None  # global budget; None: the sweep file's
     timeout: float | None = None
+    deadline: float | None = None  # None: the sweep file's study.deadline
     device: str | None = None
     force: bool = False
     wait_for_others: bool = True
@@ -174,7 +175,7 @@ class Worker:
         self.heartbeat = Heartbeat(self.storage, self.cfg.study.heartbeat_interval)
         self.stopper.install()
         try:
-            while not self.stopper.requested and not self._timed_out():
+            while not self.stopper.requested and not self._out_of_time():
                 # Every trial of a group heartbeats from its acquisition until the group ends.
                 with contextlib.ExitStack() as self._beats:
                     first = self._pending or self._next()
@@ -190,8 +191,8 @@ class Worker:
                         report.ran.append(number)
                         report.states[number] = state
                         self._held.pop(number, None)  # told or handed back by its outcome (or said it could not)
-            if self._timed_out():
-                self.reporter.message(f"timeout reached ({self._timeout():.0f} s): no new trials")
+            if self._out_of_time():
+                self.reporter.message(self._out_of_time())
             report.interrupted = self.stopper.requested
         except BaseException as exc:
             left = self._give_back_held(exc)
@@ -241,9 +242,17 @@ class Worker:
         """`--timeout` on the command line, else the sweep's `study.timeout`."""
         return self.opts.timeout if self.opts.timeout is not None else self.cfg.study.timeout
 
-    def _timed_out(self) -> bool:
+    def _out_of_time(self) -> str | None:
+        """Why no new trial may start now (`timeout` passed, or `deadline` too near for a trial), else None."""
+        elapsed = time.time() - self._t0
         limit = self._timeout()
-        return limit is not None and time.time() - self._t0 > limit
+        if limit is not None and elapsed > limit:
+            return f"timeout reached ({limit:.0f} s): no new trials"
+        deadline = self.opts.deadline if self.opts.deadline is not None else self.cfg.study.deadline
+        if deadline is None:
+            return None
+        ended = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        return deadline_reason(elapsed, deadline, trial_estimate(t for t in ended if t.number in self._mine))
 
     # -- acquiring trials ---------------------------------------------------------------------------------------
     def _next(self) -> Acquired | None:
@@ -354,7 +363,7 @@ class Worker:
     def _supply(self, model: str, base: models.Base, runs: list[TrialRun], free: int) -> list[TrialRun]:
         """Up to `free` more trials for the group; the first that needs another base ends the supply."""
         out: list[TrialRun] = []
-        while len(out) < free and self._pending is None and not self.stopper.requested and not self._timed_out():
+        while len(out) < free and self._pending is None and not self.stopper.requested and not self._out_of_time():
             nxt = self._next()
             if nxt is None:
                 break
@@ -476,3 +485,29 @@ def run_worker(cfg: SweepConfig, opts: WorkerOptions, reporter: Reporter | None 
     worker = Worker(cfg, opts, reporter)
     worker.prepare()
     return worker.run()
+
+
+def trial_estimate(ended) -> float | None:
+    """Seconds a whole trial takes on this worker, from the trials it has seen end (COMPLETE or PRUNED): the longest
+    of them, each scaled to all its steps (a pruned one stopped early, a resumed one started late; a new trial cannot
+    know it will be pruned). None before any has ended."""
+    longest = None
+    for t in ended:
+        a = t.user_attrs
+        took, steps, total = a.get("duration_s"), a.get("steps"), a.get("total_steps")
+        ran = (steps or 0) - (a.get("resumed_from_step") or 0)
+        if took and total and ran > 0:
+            longest = max(longest or 0.0, took * total / ran)
+    return longest
+
+
+def deadline_reason(elapsed: float, deadline: float, took: float | None) -> str | None:
+    """Why no new trial may start `elapsed` seconds into a run with this deadline, when a trial takes `took` seconds
+    here (None: no trial has ended yet, so the next one starts while the deadline is ahead)."""
+    if elapsed >= deadline:
+        return f"deadline {fmt.secs(deadline)} reached: no new trials"
+    if took is not None and elapsed + took > deadline:
+        return (f"deadline {fmt.secs(deadline)}: {fmt.secs(deadline - elapsed)} left, and a trial takes up to "
+                f"{fmt.secs(took)} here: no new trials")
+    return None
+
