@@ -215,6 +215,25 @@ def test_bad_data_is_refused_before_the_study_exists(tmp_path, case):
     assert not (tmp_path / "s.db").exists()  # nothing stored: no study to refuse the corrected run
 
 
+@pytest.mark.parametrize("limit,message", [
+    (16, "data.train_tokens 16: not one train row fits (a row here takes up to "),
+    (100, "optimizer steps, and train.eval_every is 5: raise data.train_tokens or lower train.eval_every"),
+])
+def test_a_token_limit_that_leaves_too_little_is_refused_before_the_study_exists(tmp_path, limit, message):
+    """`data.train_tokens` that keeps no row, or too few rows for one evaluation, through the command line: exit 2,
+    one line, and no storage made."""
+    data = long_texts(tmp_path / "d.csv", 40, (5, 10))
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"study: {{name: tokens}}\ndata: {{source: {data}, train_rows: 24, val_rows: 4, test_rows: 4, "
+                     f"train_tokens: {limit}}}\ntrain: {{batch_size: 4, eval_every: 5, eval_rows: 4}}\n"
+                     f"tracking: {{wandb: {{mode: disabled}}}}\n")
+    for command in (["data", str(sweep)], ["run", str(sweep), "--storage", f"sqlite:///{tmp_path}/s.db"]):
+        res = tuner(command, tmp_path)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "s.db").exists()
+
+
 def test_a_wrong_data_path_leaves_no_study_behind(tmp_path):
     """A study made with the wrong path in its signature would refuse the corrected run as another search."""
     sweep = tmp_path / "s.yaml"

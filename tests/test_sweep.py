@@ -45,6 +45,7 @@ def test_sweep_on_sqlite_end_to_end(tmp_path):
         assert 1e-3 <= t.params["learning_rate"] <= 3e-3 and 0 <= t.params["dropout"] <= 0.1
         assert t.value == a["mae"] and a["rmsle"] > 0 and 0 <= a["hit_rate"] <= 1 and a["n"] == 16
         assert a["trainable_params"] > 0 and a["steps"] == 4 and a["parse_fail_rate"] <= 1
+        assert 0 < a["run_s"] < a["duration_s"]  # the base's loading and baseline are before its group
         adapter = Path(a["adapter_path"])
         assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
         # The W&B offline run holds what was logged, not just a folder.
@@ -168,6 +169,9 @@ def test_a_trial_is_estimated_from_the_longest_ended_one_scaled_to_all_its_steps
     resumed = ended(TrialState.COMPLETE, duration_s=100.0, steps=250, total_steps=250, resumed_from_step=150)
     assert trial_estimate([resumed]) == 250.0
     assert trial_estimate([ended(TrialState.PRUNED, steps=50, total_steps=250)]) is None  # no duration recorded
+    # The time in its group, where recorded: a worker's first trial also waited for the base and its baseline.
+    first = ended(TrialState.COMPLETE, duration_s=304.0, run_s=268.0, steps=88, total_steps=88)
+    assert trial_estimate([first]) == 268.0
 
 
 def test_the_deadline_stops_a_trial_that_would_end_after_it():

@@ -264,6 +264,10 @@ class TrialOutcome:
                 self.trial.set_user_attr(k, v)
         attrs["duration_s"] = self.duration()  # last, so that only `tell` itself falls outside it
         self.trial.set_user_attr("duration_s", attrs["duration_s"])
+        # From joining its group (base loaded, baseline scored) to here: what one more trial costs this worker,
+        # without the loading that only a worker's first trial waits for (`worker.trial_estimate`).
+        attrs["run_s"] = time.time() - self.t0
+        self.trial.set_user_attr("run_s", attrs["run_s"])
 
     def duration(self) -> float:
         """Seconds since the trial's start in the study (`datetime_start`, local time as Optuna records it)."""

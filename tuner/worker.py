@@ -490,11 +490,13 @@ def run_worker(cfg: SweepConfig, opts: WorkerOptions, reporter: Reporter | None 
 def trial_estimate(ended) -> float | None:
     """Seconds a whole trial takes on this worker, from the trials it has seen end (COMPLETE or PRUNED): the longest
     of them, each scaled to all its steps (a pruned one stopped early, a resumed one started late; a new trial cannot
-    know it will be pruned). None before any has ended."""
+    know it will be pruned). A trial's time in its group (`run_s`), not its `duration_s`: the first trial of a worker
+    also waited for the base to load and the base-model baseline (on Ames 5m04s against 4m28s for the next one).
+    None before any has ended."""
     longest = None
     for t in ended:
         a = t.user_attrs
-        took, steps, total = a.get("duration_s"), a.get("steps"), a.get("total_steps")
+        took, steps, total = a.get("run_s") or a.get("duration_s"), a.get("steps"), a.get("total_steps")
         ran = (steps or 0) - (a.get("resumed_from_step") or 0)
         if took and total and ran > 0:
             longest = max(longest or 0.0, took * total / ran)
