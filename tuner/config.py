@@ -550,7 +550,7 @@ class StudySpec(_Strict):
     trials: int = Field(default=4, ge=1, le=MAX_TRIALS)
     timeout: Annotated[float | None, BeforeValidator(_duration)] = None
     # Wall-clock time this worker may take: a new trial starts only while the longest trial it has seen end would
-    # still end by then (see `worker.Worker._deadline_reached`). Trials are never cut at the deadline.
+    # still end by then (`worker.trial_estimate`, `worker.deadline_reason`). Trials are never cut at the deadline.
     deadline: Annotated[float | None, BeforeValidator(_duration)] = None
     objective: Literal["mae", "rmsle", "hit_rate"] = "mae"
     sampler: SamplerSpec = SamplerSpec()
