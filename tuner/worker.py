@@ -191,8 +191,9 @@ class Worker:
                         report.ran.append(number)
                         report.states[number] = state
                         self._held.pop(number, None)  # told or handed back by its outcome (or said it could not)
-            if self._out_of_time():
-                self.reporter.message(self._out_of_time())
+            why = self._out_of_time()
+            if why:
+                self.reporter.message(why)
             report.interrupted = self.stopper.requested
         except BaseException as exc:
             left = self._give_back_held(exc)
