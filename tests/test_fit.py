@@ -269,3 +269,10 @@ def test_tuner_data_says_what_a_study_will_train_on(tmp_path):
     kept = re.search(r"data.train_tokens 1,000: a trial trains on the first (\d+) of 40 train rows", res.stdout)
     assert res.returncode == 0 and kept and 1000 // 50 <= int(kept[1]) < 40, res.stdout + res.stderr
     assert f"splits: train {kept[1]}, validation 8, test 12" in res.stdout
+    # A queued first trial's rate given at a number of steps is said at the steps this data gives it (batch 8: 5 steps).
+    sweep.write_text(sweep.read_text() + "study: {enqueue: [{learning_rate: {value: 0.001, at_steps: 20}}]}\n"
+                     "search: {learning_rate: {low: 0.0005, high: 0.005}}\n")
+    res = tuner(["data", str(sweep)], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert ("study.enqueue[0].learning_rate: 0.001 at 20 steps is 0.002 at this data's 5 (times sqrt(20/5)"
+            in res.stdout)

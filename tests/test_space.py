@@ -114,6 +114,52 @@ def test_loraplus_ratio_is_searched_validated_and_left_out_of_old_signatures():
         parse_config({"search": {"loraplus_ratio": 0.5}})
 
 
+
+def test_a_queued_rate_given_at_a_number_of_steps_moves_to_the_datas_steps(tmp_path):
+    """`learning_rate: {value, at_steps}` in study.enqueue: the rate measured best at that many optimizer steps, times
+    sqrt(at_steps / steps) for the steps this data gives a trial, held to the searched range; refused at parse time
+    when malformed, outside the range, or when the trial's steps are not known before it runs."""
+    from tuner.config import ConfigErrors
+    from tuner.space import enqueued_params, queued_steps, scaled_rate_notes
+    from tuner.study import open_study, pop_waiting
+
+    space = {"r": {"min": 8, "max": 16}, "learning_rate": {"low": 1e-3, "high": 4e-3, "log": True}}
+    scaled = {"value": 1.5e-3, "at_steps": 250}
+    cfg = parse_config({"search": space, "train": {"batch_size": 4, "grad_accum": 2},
+                        "study": {"name": "s", "enqueue": [{"r": 8, "learning_rate": scaled}, {"r": 16}]}})
+    assert queued_steps(cfg, cfg.study.enqueue[0], 1000) == 125  # 1,000 rows, 8 per step
+    [p] = [e["learning_rate"] for e in enqueued_params(cfg, 500)[:1]]
+    assert p == pytest.approx(1.5e-3 * (250 / 63) ** 0.5)  # 500 rows: 63 steps
+    assert enqueued_params(cfg, 4000)[0]["learning_rate"] == pytest.approx(1.5e-3 / 2 ** 0.5)  # 500 steps
+    assert enqueued_params(cfg, 40000)[0]["learning_rate"] == 1e-3  # 5,000 steps: the floor
+    assert enqueued_params(cfg, 8)[0]["learning_rate"] == 4e-3  # one step: the ceiling
+    assert scaled_rate_notes(cfg, 500) == ["study.enqueue[0].learning_rate: 0.0015 at 250 steps is 0.00299 at this "
+                                           "data's 63 (times sqrt(250/63), within the searched range)"]
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = open_study(cfg, url, train_rows=500)
+    p = sample(optuna.Trial(study, pop_waiting(study)), cfg)
+    assert p.r == 8 and p.learning_rate == pytest.approx(1.5e-3 * (250 / 63) ** 0.5)
+
+    bad = [({"value": 1.5e-3}, r"learning_rate: expected a number in \[0\.001, 0\.004\], or \{value: RATE, at_steps"),
+           ({"value": "fast", "at_steps": 250}, r"learning_rate: expected .*, or \{value: RATE, at_steps: STEPS\}"),
+           ({"value": 1.5e-3, "at_steps": 0}, r"learning_rate: expected .*, or \{value: RATE, at_steps: STEPS\}"),
+           ({"value": 1.5e-3, "at_steps": 2.5}, r"learning_rate: expected .*, or \{value: RATE, at_steps: STEPS\}"),
+           ({"value": 1e-2, "at_steps": 250},
+            r"learning_rate\.value: expected a value in \[0\.001, 0\.004\], got 0\.01")]
+    for value, needle in bad:
+        with pytest.raises(ConfigErrors, match=r"study\.enqueue\[0\]\." + needle):
+            parse_config({"search": space, "study": {"enqueue": [{"learning_rate": value}]}})
+    with pytest.raises(ConfigErrors, match=r"study\.enqueue\[0\]\.dropout: expected a number in \[0, 0\.1\]"):
+        parse_config({"search": space | {"dropout": {"low": 0, "high": 0.1}},
+                      "study": {"enqueue": [{"dropout": {"value": 0.05, "at_steps": 10}}]}})
+    # A searched batch makes the steps unknown unless the queued trial sets it.
+    loose = {"search": space, "train": {"batch_size": {"choices": [4, 8]}}}
+    with pytest.raises(ConfigErrors, match=r"study\.enqueue\[0\]\.learning_rate: expected a fixed rate, since "
+                                           r"train\.batch_size is searched and this trial does not set it"):
+        parse_config(loose | {"study": {"enqueue": [{"learning_rate": scaled}]}})
+    cfg = parse_config(loose | {"study": {"enqueue": [{"learning_rate": scaled, "batch_size": 8}]}})
+    assert queued_steps(cfg, cfg.study.enqueue[0], 1000) == 125
+
 def test_enqueued_first_trials_are_checked_against_the_space_and_run_first(tmp_path):
     """`study.enqueue`: the sweep's prior, its first trials. A value the space could not draw, or a setting the sweep
     does not search, is refused naming the key; a new study queues them once, and the worker's path (pop the

@@ -213,7 +213,9 @@ def _dry_run(cfg, args) -> int:
         console.print(f"  train.{key}: {value}", markup=False, soft_wrap=True)
     for i, params in enumerate(cfg.study.enqueue):
         console.print(f"  first trial {i} (study.enqueue, if the study is new): "
-                      + ", ".join(f"{k}={v}" for k, v in params.items()), markup=False, soft_wrap=True)
+                      + ", ".join(f"{k}={v}" if not isinstance(v, dict) else
+                                  f"{k}={v.get('value')} at {v.get('at_steps')} steps (scaled to the data's steps)"
+                                  for k, v in params.items()), markup=False, soft_wrap=True)
     console.print("nothing was loaded, connected to or created", markup=False)
     return 0
 

@@ -16,6 +16,7 @@ from .config import SweepConfig
 from .fmt import money, short_model
 from .prepare import prepare
 from .scoring import constant_baseline
+from .space import scaled_rate_notes
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Datasheet:
     median_mae: float = 0.0
     classical_mae: float = 0.0
     classical_seconds: float = 0.0
+    first_trials: list[str] = field(default_factory=list)  # study.enqueue's scaled rates on these rows
 
 
 def build(cfg: SweepConfig) -> Datasheet:
@@ -51,6 +53,7 @@ def build(cfg: SweepConfig) -> Datasheet:
     sheet.median_mae = constant_baseline(s.train_median, truths)["mae"]
     c = classical(s.train, s.val, s.test)
     sheet.classical_mae, sheet.classical_seconds = c["mae"], c["seconds"]
+    sheet.first_trials = scaled_rate_notes(cfg, len(s.train))
     return sheet
 
 
@@ -85,4 +88,4 @@ def render(sheet: Datasheet, cfg: SweepConfig) -> list[str]:
     lines.append(f"test MAE of the baselines: constant train median {money(sheet.median_mae)}; classical (TF-IDF + "
                  f"ridge) {money(sheet.classical_mae)} ({sheet.classical_mae / sheet.median_mae:.0%} of the constant, "
                  f"fitted in {sheet.classical_seconds:.1f} s)")
-    return lines
+    return lines + sheet.first_trials

@@ -47,9 +47,10 @@ def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
 
 
 def open_study(cfg: SweepConfig, storage, name: str | None = None, *, force: bool = False,
-               seed_offset: int = 0) -> optuna.Study:
+               seed_offset: int = 0, train_rows: int | None = None) -> optuna.Study:
     """Create the study, or load it and check that this sweep file describes the same search (model, data, space,
-    fixed settings, objective). A different one is refused with the differences named, unless `force`."""
+    fixed settings, objective). A different one is refused with the differences named, unless `force`.
+    `train_rows`: the rows a trial trains on, which a queued trial's scaled learning rate is resolved on."""
     name = name or cfg.study.name
     study = optuna.create_study(study_name=name, storage=storage, sampler=make_sampler(cfg, seed_offset),
                                 pruner=make_pruner(cfg), direction=cfg.study.direction, load_if_exists=True)
@@ -66,7 +67,7 @@ def open_study(cfg: SweepConfig, storage, name: str | None = None, *, force: boo
         study.set_user_attr("model", cfg.model.name)
         # The sweep's first trials (its prior): queued once, on creation. Another worker creating the same study at
         # the same moment finds them queued and does not queue them twice.
-        for params in enqueued_params(cfg):
+        for params in enqueued_params(cfg, train_rows):
             study.enqueue_trial(params, skip_if_exists=True)
     elif old != new:
         diff = signature_diff(old, new)

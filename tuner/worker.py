@@ -34,7 +34,7 @@ from .loop import NO_FAULTS, Faults, train_group
 from .outcome import TrialContext, TrialOutcome
 from .prepare import prepare
 from .runtime import BaseCache, Heartbeat, NullReporter, Reporter, Stopper, release_memory
-from .space import TrialParams, sample
+from .space import TrialParams, sample, scaled_rate_notes
 from .study import (ask, fail_stale_trials, frozen, frozen_by_number, open_study, pop_waiting, running_elsewhere,
                     tell, trial_id, with_retries)
 from .train import TrialRun
@@ -132,10 +132,13 @@ class Worker:
         busy = bool(existing) and bool(optuna.load_study(study_name=self.study_name, storage=self.storage)
                                        .get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         self.study = open_study(cfg, self.storage, self.study_name, force=self.opts.force,
-                                seed_offset=_seed_offset(busy))
+                                seed_offset=_seed_offset(busy), train_rows=len(self.ready.splits.train))
         if existing and cfg.study.enqueue:  # said, not silently skipped: the queue is filled only at creation
             self.reporter.message(f"study.enqueue: study {self.study_name} already existed, so its first trials "
                                   f"were queued when it was created and are not queued again")
+        elif not existing:
+            for line in scaled_rate_notes(cfg, len(self.ready.splits.train)):
+                self.reporter.message(line)
         self.device = models.pick_device(self.opts.device)
         runs = places.runs_root(self.opts.storage_url, cfg.study.output_dir)
         self.out_root = runs / self.study_name
