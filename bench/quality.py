@@ -5,15 +5,16 @@ on one machine. Each approach's best test MAE is printed as a fraction of the co
 
   python bench/quality.py                                   # both data sets, the default sweep (about 1 hour)
   python bench/quality.py --sources builtin:diamonds --workdir /tmp/q   # keeps the studies to look at
+  python bench/quality.py --seeds 0,1,2                     # three draws per data set (about 3 hours)
 
 Equal wall time: tuner's default study runs first, to its own budget; its wall time W is then the plain loop's
 budget, and only plain trials that ended within W count. Both take their best trial by its test MAE, which is how
 a study's value is defined (see README, "What a trial is").
 
-What the plain loop does not get is what tuner's default adds to a bare Optuna study: the sweep's queued first trial
-(`study.enqueue`, the measured best), pruning on validation MAE, and the adapter kept at its best validation step
-(the plain loop scores each trial's last step). The plain loop is TPE alone over the same space, as a user of
-Optuna without tuner would run it.
+What the plain loop does not get is what tuner's default adds to a bare Optuna study: the sweep's queued first trials
+(`study.enqueue`: the measured best settings, the learning rate moved to the data's number of steps), pruning on
+validation MAE, and the adapter kept at its best validation step (the plain loop scores each trial's last step). The
+plain loop is TPE alone over the same space, as a user of Optuna without tuner would run it.
 """
 
 from __future__ import annotations
@@ -141,39 +142,53 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sources", default="builtin:diamonds,builtin:ames")
     ap.add_argument("--workdir", help="keep the studies here (default: a temporary folder)")
-    ap.add_argument("--seed", type=int, help="train.seed and the sampler's seed, for both approaches (default: the "
-                    "sweep's 42 and 0); one trial's MAE moves by about 15 points with it, so run several")
+    ap.add_argument("--seeds", help="comma-separated seeds, each a draw: train.seed and the sampler's seed, for both "
+                    "approaches (default: one draw at the sweep's 42 and 0). One trial's MAE moves by about 15 points "
+                    "with the seed, more than the approaches differ, so judge by several")
+    ap.add_argument("--seed", type=int, help="one seed (as --seeds with one)")
     ap.add_argument("--smoke", action="store_true", help="2 trials on a few rows: checks the bench runs, measures nothing")
     args = ap.parse_args()
+    seeds: list[int | None] = ([int(x) for x in args.seeds.split(",")] if args.seeds else
+                               [args.seed] if args.seed is not None else [None])
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tuner-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     summary = []
     for source in args.sources.split(","):
         slug = source.split(":")[-1].replace("/", "_").replace(".", "_")
-        cfg = default_sweep(source)
-        if args.seed is not None:
-            cfg["train"]["seed"] = cfg["study"]["sampler"]["seed"] = args.seed
-        if args.smoke:
-            cfg["study"].update(trials=2, timeout=None, deadline=None, pruner={"type": "none"})
-            cfg["data"].update(train_rows=16, val_rows=8, test_rows=8)
-            cfg["train"].update(eval_every=None, eval_rows=8, max_length_cap=96)
-        best, wall, base = run_tuner(cfg, f"sqlite:///{work}/{slug}-tuner.db", work / f"{slug}-runs")
-        plain, counted = run_plain(cfg, f"sqlite:///{work}/{slug}-plain.db", wall)
-        median, classical = base["median"]["mae"], base["classical"]["mae"]
-        for label, value in (("tuner default", best), ("plain TPE", plain)):
-            emit({"bench": "quality", "source": source, "approach": label, "best_mae": value,
-                  "of_median": None if value is None else round(value / median, 3),
-                  "of_classical": None if value is None else round(value / classical, 3),
-                  "seed": cfg["train"]["seed"], "wall_s": round(wall),
-                  "plain_trials_counted": counted if label == "plain TPE" else None})
-        verdict = ("tuner lower" if plain is None or best < plain else "plain TPE lower" if plain < best
-                   else "the same")
-        summary.append(f"{source}: tuner {best / median:.0%} of the median, {best / classical:.0%} of the classical; "
-                       f"plain TPE " + ("no trial ended in time" if plain is None else
-                                        f"{plain / median:.0%} and {plain / classical:.0%}")
-                       + f" in {wall / 60:.1f} min each ({verdict})")
-    seed = "" if args.seed is None else f", seed {args.seed}"
-    print(f"quality ({cpu_note()}{seed}): " + "; ".join(summary), flush=True)
+        draws = []  # (tuner, plain) best MAE as a fraction of the constant median; plain None if no trial ended
+        for seed in seeds:
+            cfg = default_sweep(source)
+            tag = slug if seed is None else f"{slug}-seed{seed}"
+            if seed is not None:
+                cfg["train"]["seed"] = cfg["study"]["sampler"]["seed"] = seed
+            if args.smoke:
+                cfg["study"].update(trials=2, timeout=None, deadline=None, pruner={"type": "none"})
+                cfg["data"].update(train_rows=16, val_rows=8, test_rows=8)
+                cfg["train"].update(eval_every=None, eval_rows=8, max_length_cap=96)
+            best, wall, base = run_tuner(cfg, f"sqlite:///{work}/{tag}-tuner.db", work / f"{tag}-runs")
+            plain, counted = run_plain(cfg, f"sqlite:///{work}/{tag}-plain.db", wall)
+            median, classical = base["median"]["mae"], base["classical"]["mae"]
+            for label, value in (("tuner default", best), ("plain TPE", plain)):
+                emit({"bench": "quality", "source": source, "approach": label, "best_mae": value,
+                      "of_median": None if value is None else round(value / median, 3),
+                      "of_classical": None if value is None else round(value / classical, 3),
+                      "seed": cfg["train"]["seed"], "sampler_seed": cfg["study"]["sampler"]["seed"],
+                      "wall_s": round(wall),
+                      "plain_trials_counted": counted if label == "plain TPE" else None})
+            verdict = ("tuner lower" if plain is None or best < plain else "plain TPE lower" if plain < best
+                       else "the same")
+            print(f"{source}, seeds {cfg['train']['seed']}/{cfg['study']['sampler']['seed']} (train/sampler): tuner "
+                  f"{best / median:.0%} of the median, "
+                  f"{best / classical:.0%} of the classical; plain TPE "
+                  + ("no trial ended in time" if plain is None else f"{plain / median:.0%} and {plain / classical:.0%}")
+                  + f" in {wall / 60:.1f} min each ({verdict})", flush=True)
+            draws.append((best / median, None if plain is None else plain / median, verdict))
+        wins = sum(v == "tuner lower" for _, _, v in draws)
+        plain_mean = [p for _, p, _ in draws if p is not None]
+        summary.append(f"{source}: tuner lower in {wins} of {len(draws)} draw{'s' * (len(draws) > 1)}; best MAE of "
+                       f"the median, mean: tuner {sum(t for t, _, _ in draws) / len(draws):.0%}, plain TPE "
+                       + (f"{sum(plain_mean) / len(plain_mean):.0%}" if plain_mean else "none ended"))
+    print(f"quality ({cpu_note()}): " + "; ".join(summary), flush=True)
 
 
 if __name__ == "__main__":

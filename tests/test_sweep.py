@@ -24,12 +24,16 @@ def cli(args, cwd: Path, timeout=900, env=None):
 
 def test_sweep_on_sqlite_end_to_end(tmp_path):
     sweep = tiny_sweep(tmp_path, name="e2e", trials=2, quant="{choices: [4, 8]}")
-    # The sweep's prior: trial 0 trains these values (the rest sampled), trial 1 is the sampler's.
+    # The sweep's prior: trial 0 trains these values (the rest sampled), trial 1 is the sampler's. Its rate is given
+    # at 16 steps and moves to this data's 4: 1e-3 * sqrt(16 / 4).
     sweep.write_text(sweep.read_text().replace(
-        "grace_period: 120}", "grace_period: 120, enqueue: [{r: 16, learning_rate: 0.002, quant_bits: 4}]}"))
+        "grace_period: 120}", "grace_period: 120, enqueue: [{r: 16, learning_rate: {value: 0.001, at_steps: 16}, "
+                              "quant_bits: 4}]}"))
     url = f"sqlite:///{tmp_path}/studies.db"
     res = cli(["run", str(sweep), "--storage", url], tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
+    assert ("study.enqueue[0].learning_rate: 0.001 at 16 steps is 0.002 at this data's 4 (times sqrt(16/4)"
+            in res.stdout + res.stderr)
     assert "leaderboard: e2e" in res.stdout and "baseline: constant train median" in res.stdout
 
     study = optuna.load_study(study_name="e2e", storage=url)
@@ -125,11 +129,14 @@ def test_default_sweep_is_the_measured_one():
     assert cfg.train.max_length.value == "auto" and cfg.study.trials >= 3
     # One trial at a time on the CPU (the first complete trial, which pruning compares with, comes at 6 minutes, not
     # 16), a learning-rate range around the measured best that excludes 3.3e-3 (54-62%) and the diverged 5.7e-3,
-    # and the measured best rates for short and long runs as the first trials.
+    # and the measured best rate, moved to the data's steps, as the first trials.
     assert cfg.train.cotrain == 1
     assert 1e-3 <= cfg.search.learning_rate.low and cfg.search.learning_rate.high < 3.3e-3
-    assert cfg.study.enqueue == [{"r": 16, "learning_rate": 1.4e-3, "dropout": 0.06},  # 250 steps (diamonds)
-                                 {"r": 16, "learning_rate": 2.5e-3, "dropout": 0.06}]  # 88 (Ames)
+    from tuner.space import enqueued_params
+
+    assert [e["r"] for e in cfg.study.enqueue] == [8, 16]
+    rates = [[round(p["learning_rate"], 5) for p in enqueued_params(cfg, rows)] for rows in (1000, 351)]
+    assert rates == [[1.5e-3, 1.5e-3], [2.5e-3, 2.5e-3]]  # 250 steps (diamonds), 88 (Ames listings)
     # The number-token loss on (cross-entropy alone collapsed to a few answers: README's table).
     assert cfg.train.number_loss.value == 0.5
 
