@@ -152,6 +152,10 @@ def test_a_queued_rate_given_at_a_number_of_steps_moves_to_the_datas_steps(tmp_p
     with pytest.raises(ConfigErrors, match=r"study\.enqueue\[0\]\.dropout: expected a number in \[0, 0\.1\]"):
         parse_config({"search": space | {"dropout": {"low": 0, "high": 0.1}},
                       "study": {"enqueue": [{"dropout": {"value": 0.05, "at_steps": 10}}]}})
+    with pytest.raises(ConfigErrors, match=r"study\.enqueue\[0\]\.learning_rate: expected one of \[0\.001, 0\.002\] "
+                                           r"\(a scaled rate needs a range\)"):
+        parse_config({"search": {"learning_rate": {"choices": [1e-3, 2e-3]}},
+                      "study": {"enqueue": [{"learning_rate": scaled}]}})
     # A searched batch makes the steps unknown unless the queued trial sets it.
     loose = {"search": space, "train": {"batch_size": {"choices": [4, 8]}}}
     with pytest.raises(ConfigErrors, match=r"study\.enqueue\[0\]\.learning_rate: expected a fixed rate, since "

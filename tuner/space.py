@@ -197,11 +197,13 @@ def _choice(dim: Dim, value: Any) -> Any:
 
 def _scaled_rate_problems(cfg: SweepConfig, entry: dict, key: str, dim: Dim, value: dict) -> list:
     """Problems of `learning_rate: {value: RATE, at_steps: STEPS}` in a queued trial (see `scaled_rate`)."""
+    if dim.kind == "choices":  # a rate moved to the data's steps would not be one of the choices
+        return [(key, f"one of {list(dim.choices)} (a scaled rate needs a range)", value)]
     expected = (f"a number in [{dim.low:g}, {dim.high:g}], or {{value: RATE, at_steps: STEPS}} (RATE at STEPS "
                 f"optimizer steps, scaled to this data's steps)")
     rate = _in_range(float, value.get("value"))
     steps = _in_range(int, value.get("at_steps"))
-    if set(value) != {"value", "at_steps"} or rate is None or steps is None or steps < 1 or dim.kind == "choices":
+    if set(value) != {"value", "at_steps"} or rate is None or steps is None or steps < 1:
         return [(key, expected, value)]
     if not dim.low <= rate <= dim.high:
         return [(key + ".value", f"a value in [{dim.low:g}, {dim.high:g}]", rate)]
