@@ -12,9 +12,9 @@ budget, and only plain trials that ended within W count. Both take their best tr
 a study's value is defined (see README, "What a trial is").
 
 What the plain loop does not get is what tuner's default adds to a bare Optuna study: the sweep's queued first trials
-(`study.enqueue`: the measured best settings, the learning rate moved to the data's number of steps), pruning on
-validation MAE, and the adapter kept at its best validation step (the plain loop scores each trial's last step). The
-plain loop is TPE alone over the same space, as a user of Optuna without tuner would run it.
+(`study.enqueue`: the measured best settings, the learning rate moved to the data's number of steps) and pruning on
+validation MAE. Both score each trial's last step (one epoch: tuner keeps the last adapter). The plain loop is TPE
+alone over the same space, as a user of Optuna without tuner would run it.
 """
 
 from __future__ import annotations

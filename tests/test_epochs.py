@@ -116,3 +116,31 @@ def test_two_epoch_trial_records_kept_checkpoint_and_flag(tmp_path):
     assert a["overfit_epochs"] == ([2] if boundary["flagged"] else [])
     assert t.value == a["mae"]
     print(f"\ntwo-epoch run: evaluations {a['evaluations']}; kept {a['kept']}; boundary {boundary}")
+
+
+def test_a_mid_epoch_evaluation_does_not_choose_the_kept_adapter(base16, diamonds, tmp_path):
+    """Evaluations every `eval_every` steps score a few validation rows, for pruning and the curves; only the whole
+    split (epoch ends, the last step) chooses what the trial keeps. One epoch: the last adapter, however good an
+    earlier subset reading looked."""
+    rows, _ = encode(base16.tokenizer, diamonds.train[:12], 182)  # 3 steps, one epoch
+    values = iter([1.0, 2.0, 9.0])
+    whole = []
+
+    class Hooks:
+        def on_step(self, run, record):
+            pass
+
+        def on_evaluate(self, run, step):
+            whole.append(run.on_whole_validation())
+            return Evaluation(next(values))
+
+        def on_checkpoint(self, run, step, path):
+            pass
+
+    run = TrialRun("m", params(epochs=1), rows, tmp_path, hooks=Hooks(), eval_every=1, checkpoint_every=None)
+    train_one(base16, run)
+    assert [e["step"] for e in run.evals] == [1, 2, 3] and whole == [False, False, True]
+    assert [e["whole"] for e in run.evals] == whole
+    assert run.kept["step"] == 3 and run.kept["value"] == 9.0
+    assert run.kept["reason"] == "last (the only evaluation on the whole validation split)"
+    assert run.best["step"] == 3

@@ -5,7 +5,7 @@ optimizer, scheduler and loop state, and `owner.txt`, which says which trial wro
 resume from it; a study deleted and created again under the same name and output folder has other owners, and
 their folders are removed rather than resumed. Folders are written under a temporary name and renamed into place,
 so a half-written checkpoint is never taken for a finished one. `best.safetensors` beside them holds the adapter
-with the best validation value, which the trial ends with.
+with the best value on the whole validation split (an epoch's end), which the trial ends with.
 
 The loop state is read with `torch.load(weights_only=True)`: tensors and plain values only. A run folder may be
 shared between machines, and a full unpickle would run whatever code a file there names; a state that needs more

@@ -341,7 +341,7 @@ class TrainSpace(_Strict):
     eval_rows: int = Field(default=32, ge=1, le=10**8)
     # Cheap for LoRA (adapter + optimizer state); what a retried trial resumes from after a crash or Ctrl-C.
     checkpoint_every: int | None = Field(default=20, ge=1, le=10**8)
-    # The newest N, plus the one with the best validation value.
+    # The newest N, plus the one with the best value on the whole validation split (the best epoch's end).
     keep_checkpoints: int = Field(default=3, ge=1, le=10_000)
     # Relative drop of the training loss across an epoch boundary that flags memorisation (`overfit_epochs`).
     overfit_drop: float = Field(default=0.15, gt=0, lt=1)

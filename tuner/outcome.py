@@ -98,8 +98,7 @@ class TrialOutcome:
         """The validation subset (every `eval_every` steps) or the whole validation split (at epoch ends and at
         the end, where it decides which adapter the trial keeps)."""
         cfg, splits = self.ctx.cfg, self.ctx.splits
-        at_epoch_end = run.params.epochs > 1 and (step % run.steps_per_epoch == 0 or run.done)
-        rows = splits.val if at_epoch_end or run.done else splits.val[: cfg.train.eval_rows]
+        rows = splits.val if run.on_whole_validation() else splits.val[: cfg.train.eval_rows]
         res = self.ctx.scorer.predict(self.base.model, [e.prompt for e in rows], adapter=run.name)
         metrics = price_metrics([p.value for p in res.predictions], [e.price for e in rows])
         value = metrics[cfg.study.objective]
