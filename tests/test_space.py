@@ -135,6 +135,9 @@ def test_a_queued_rate_given_at_a_number_of_steps_moves_to_the_datas_steps(tmp_p
     assert enqueued_params(cfg, 8)[0]["learning_rate"] == 4e-3  # one step: the ceiling
     assert scaled_rate_notes(cfg, 500) == ["study.enqueue[0].learning_rate: 0.0015 at 250 steps is 0.00299 at this "
                                            "data's 63 (times sqrt(250/63), within the searched range)"]
+    assert scaled_rate_notes(cfg, 8) == ["study.enqueue[0].learning_rate: 0.0015 at 250 steps is 0.004 at this "
+                                         "data's 1 (times sqrt(250/1), 0.0237, held to search.learning_rate's high "
+                                         "0.004)"]
     url = f"sqlite:///{tmp_path}/s.db"
     study = open_study(cfg, url, train_rows=500)
     p = sample(optuna.Trial(study, pop_waiting(study)), cfg)

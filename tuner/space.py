@@ -244,24 +244,34 @@ def enqueued_params(cfg: SweepConfig, train_rows: int | None = None) -> list[dic
             if isinstance(v, dict):  # {value, at_steps}: only learning_rate takes it (enqueue_problems)
                 if train_rows is None:
                     raise ValueError("a scaled learning_rate in study.enqueue needs the train rows")
-                params[name] = scaled_rate(_in_range(float, v["value"]), _in_range(int, v["at_steps"]),
-                                           queued_steps(cfg, entry, train_rows), dim.low, dim.high)
+                params[name] = _queued_rate(cfg, entry, train_rows)[0]
             else:
                 params[name] = _choice(dim, v) if dim.kind == "choices" else _in_range(kind, v)
         out.append(params)
     return out
 
 
+def _queued_rate(cfg: SweepConfig, entry: dict, train_rows: int) -> tuple[float, float, int]:
+    """A queued trial's scaled learning rate: (the rate it trains at, the rate before the searched range held it,
+    its optimizer steps)."""
+    v, dim = entry["learning_rate"], cfg.search.learning_rate
+    rate, at = _in_range(float, v["value"]), _in_range(int, v["at_steps"])
+    steps = queued_steps(cfg, entry, train_rows)
+    return scaled_rate(rate, at, steps, dim.low, dim.high), scaled_rate(rate, at, steps, 0.0, math.inf), steps
+
+
 def scaled_rate_notes(cfg: SweepConfig, train_rows: int) -> list[str]:
     """One line per scaled learning rate in `study.enqueue`, for the run output and `tuner data`."""
     out = []
-    for i, (entry, params) in enumerate(zip(cfg.study.enqueue, enqueued_params(cfg, train_rows))):
+    for i, entry in enumerate(cfg.study.enqueue):
         v = entry.get("learning_rate")
         if isinstance(v, dict):
-            steps, at = queued_steps(cfg, entry, train_rows), int(v["at_steps"])
-            out.append(f"study.enqueue[{i}].learning_rate: {float(v['value']):g} at {at} steps is "
-                       f"{params['learning_rate']:.3g} at this data's {steps} (times sqrt({at}/{steps}), within the "
-                       f"searched range)")
+            rate, raw, steps = _queued_rate(cfg, entry, train_rows)
+            at = int(_in_range(int, v["at_steps"]))
+            held = ("within the searched range" if rate == raw else
+                    f"{raw:.3g}, held to search.learning_rate's {'high' if raw > rate else 'low'} {rate:g}")
+            out.append(f"study.enqueue[{i}].learning_rate: {float(v['value']):g} at {at} steps is {rate:.3g} at "
+                       f"this data's {steps} (times sqrt({at}/{steps}), {held})")
     return out
 
 
