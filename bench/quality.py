@@ -9,7 +9,9 @@ on one machine. Each approach's best test MAE is printed as a fraction of the co
 
 Equal wall time: tuner's default study runs first, to its own budget; its wall time W is then the plain loop's
 budget, and only plain trials that ended within W count. Both take their best trial by its test MAE, which is how
-a study's value is defined (see README, "What a trial is").
+a study's value is defined (see README, "What a trial is"). A draw's verdict is paired: the two best trials' absolute
+errors on the same test rows, their mean difference and its 95% bootstrap interval. Only an interval that excludes
+zero is a win; otherwise the draw is a tie (one trial's MAE on 100 rows moves by about a third with the rows drawn).
 
 What the plain loop does not get is what tuner's default adds to a bare Optuna study: the sweep's queued first trials
 (`study.enqueue`: the measured best settings, the learning rate moved to the data's number of steps) and pruning on
@@ -23,6 +25,7 @@ import argparse
 import copy
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -50,9 +53,36 @@ def default_sweep(source: str) -> dict:
     return cfg
 
 
-def run_tuner(cfg_dict: dict, url: str, out_dir: Path) -> tuple[float, float, dict]:
+def paired_difference(a: dict, b: dict, draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a's minus b's absolute error over the test rows both scored, with its 95% bootstrap interval (rows
+    drawn with replacement, the same rows for both: a paired comparison)."""
+    rows = sorted(set(a) & set(b))
+    if not rows:
+        raise ValueError("the two approaches scored no test row in common")
+    diffs = [a[r] - b[r] for r in rows]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choice(diffs) for _ in diffs) / len(diffs) for _ in range(draws))
+    return sum(diffs) / len(diffs), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
+def dollars(x: float) -> str:
+    return f"{'-' if x < 0 else ''}${abs(x):,.0f}"
+
+
+def best_trial_errors(study, url: str) -> dict:
+    """Absolute error per test row (row id) of the study's best trial, from its predictions in the artifact store."""
+    from tuner import artifacts
+
+    store = artifacts.open_store(artifacts.location(url), create=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = artifacts.fetch(store, study.best_trial, artifacts.PREDICTIONS_ATTR, Path(tmp) / "predictions.csv")
+        return {r["row_id"]: float(r["error"]) for r in artifacts.read_predictions_csv(path)}
+
+
+def run_tuner(cfg_dict: dict, url: str, out_dir: Path) -> tuple[float, float, dict, dict]:
     """tuner's default study, run by the `tuner` command of the Python running this bench (`tuner run`, exactly as a
-    user runs it; from a fresh venv, the installed wheel). Returns (best test MAE, wall seconds, its baselines)."""
+    user runs it; from a fresh venv, the installed wheel). Returns (best test MAE, wall seconds, its baselines, the
+    best trial's error per test row)."""
     import optuna
 
     cfg_dict = copy.deepcopy(cfg_dict)
@@ -72,13 +102,13 @@ def run_tuner(cfg_dict: dict, url: str, out_dir: Path) -> tuple[float, float, di
     if res.returncode != 0:
         raise SystemExit(f"tuner run exited {res.returncode}; see {log}")
     study = optuna.load_study(study_name=cfg_dict["study"]["name"], storage=url)
-    return study.best_value, wall, study.user_attrs["baselines"]
+    return study.best_value, wall, study.user_attrs["baselines"], best_trial_errors(study, url)
 
 
-def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, int]:
+def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, int, dict]:
     """A plain Optuna loop: TPE over tuner's search space, each trial trained alone to its last step and scored on
     the test rows. No pruning, no co-training, no intermediate evaluation. Trials that end after `budget_s` do not
-    count. Returns (best test MAE within the budget, trials counted)."""
+    count. Returns (best test MAE within the budget, trials counted, that trial's error per test row)."""
     import optuna
 
     from tuner.batches import encode
@@ -96,7 +126,7 @@ def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, 
     ready = prepare(cfg)
     bases: dict = {}
     t0 = time.time()
-    ended: list[tuple[float, float]] = []  # (seconds since start, test MAE)
+    ended: list[tuple[float, float, dict]] = []  # (seconds since start, test MAE, error per test row)
 
     def objective(trial: optuna.Trial) -> float:
         p = sample(trial, cfg, ready.modules, ready.max_lengths())
@@ -113,11 +143,13 @@ def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, 
         def score(run):
             res = ready.scorers[p.model].predict(base.model, [e.prompt for e in splits.test], adapter=run.name)
             scores.update(price_metrics([x.value for x in res.predictions], [e.price for e in splits.test]))
+            # As the metrics and tuner's predictions file score them: an answer that is not a number counts as 0.
+            scores["errors"] = {e.row_id: abs((x.value or 0.0) - e.price) for x, e in zip(res.predictions, splits.test)}
 
         with tempfile.TemporaryDirectory() as tmp:
             train_one(base, TrialRun(f"plain-{trial.number}", p, rows, Path(tmp), checkpoint_every=None),
                       on_done=score)
-        ended.append((time.time() - t0, scores["mae"]))
+        ended.append((time.time() - t0, scores["mae"], scores["errors"]))
         return scores["mae"]
 
     study = optuna.create_study(study_name="plain", storage=url, direction="minimize",
@@ -127,15 +159,17 @@ def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, 
         # A trial that cannot end within the budget would not count: stop rather than train it (same result, sooner).
         if not ended:
             return
-        longest = max(b - a for a, b in zip([0.0] + [at for at, _ in ended], [at for at, _ in ended]))
+        ends = [at for at, _, _ in ended]
+        longest = max(b - a for a, b in zip([0.0] + ends, ends))
         if time.time() - t0 + longest > budget_s:
             study.stop()
 
     study.optimize(objective, timeout=budget_s, callbacks=[no_time_left])
     for key in list(bases):
         release(bases.pop(key))
-    within = [mae for at, mae in ended if at <= budget_s]
-    return (min(within) if within else None), len(within)
+    within = [(mae, errors) for at, mae, errors in ended if at <= budget_s]
+    best = min(within, key=lambda x: x[0]) if within else (None, {})
+    return best[0], len(within), best[1]
 
 
 def main() -> None:
@@ -165,8 +199,8 @@ def main() -> None:
                 cfg["study"].update(trials=2, timeout=None, deadline=None, pruner={"type": "none"})
                 cfg["data"].update(train_rows=16, val_rows=8, test_rows=8)
                 cfg["train"].update(eval_every=None, eval_rows=8, max_length_cap=96)
-            best, wall, base = run_tuner(cfg, f"sqlite:///{work}/{tag}-tuner.db", work / f"{tag}-runs")
-            plain, counted = run_plain(cfg, f"sqlite:///{work}/{tag}-plain.db", wall)
+            best, wall, base, best_errors = run_tuner(cfg, f"sqlite:///{work}/{tag}-tuner.db", work / f"{tag}-runs")
+            plain, counted, plain_errors = run_plain(cfg, f"sqlite:///{work}/{tag}-plain.db", wall)
             median, classical = base["median"]["mae"], base["classical"]["mae"]
             for label, value in (("tuner default", best), ("plain TPE", plain)):
                 emit({"bench": "quality", "source": source, "approach": label, "best_mae": value,
@@ -175,17 +209,25 @@ def main() -> None:
                       "seed": cfg["train"]["seed"], "sampler_seed": cfg["study"]["sampler"]["seed"],
                       "wall_s": round(wall),
                       "plain_trials_counted": counted if label == "plain TPE" else None})
-            verdict = ("tuner lower" if plain is None or best < plain else "plain TPE lower" if plain < best
-                       else "the same")
+            # One trial's MAE on 100 rows moves by about a third either way with the rows drawn, so a lower number
+            # is a win only when the paired interval of the difference excludes zero; otherwise it is a tie.
+            if plain is None:
+                verdict, interval = "tuner lower", "no plain trial ended in time"
+            else:
+                diff, low, high = paired_difference(best_errors, plain_errors)
+                verdict = "tuner lower" if high < 0 else "plain TPE lower" if low > 0 else "a tie"
+                interval = (f"tuner minus plain {dollars(diff)} a row, 95% interval {dollars(low)} to "
+                            f"{dollars(high)}")
             print(f"{source}, seeds {cfg['train']['seed']}/{cfg['study']['sampler']['seed']} (train/sampler): tuner "
                   f"{best / median:.0%} of the median, "
                   f"{best / classical:.0%} of the classical; plain TPE "
                   + ("no trial ended in time" if plain is None else f"{plain / median:.0%} and {plain / classical:.0%}")
-                  + f" in {wall / 60:.1f} min each ({verdict})", flush=True)
+                  + f" in {wall / 60:.1f} min each ({verdict}: {interval})", flush=True)
             draws.append((best / median, None if plain is None else plain / median, verdict))
-        wins = sum(v == "tuner lower" for _, _, v in draws)
+        wins, losses = (sum(v == w for _, _, v in draws) for w in ("tuner lower", "plain TPE lower"))
         plain_mean = [p for _, p, _ in draws if p is not None]
-        summary.append(f"{source}: tuner lower in {wins} of {len(draws)} draw{'s' * (len(draws) > 1)}; best MAE of "
+        summary.append(f"{source}: tuner lower in {wins}, plain TPE lower in {losses}, a tie in "
+                       f"{len(draws) - wins - losses} of {len(draws)} draw{'s' * (len(draws) > 1)}; best MAE of "
                        f"the median, mean: tuner {sum(t for t, _, _ in draws) / len(draws):.0%}, plain TPE "
                        + (f"{sum(plain_mean) / len(plain_mean):.0%}" if plain_mean else "none ended"))
     print(f"quality ({cpu_note()}): " + "; ".join(summary), flush=True)
