@@ -79,6 +79,16 @@ def best_trial_errors(study, url: str) -> dict:
         return {r["row_id"]: float(r["error"]) for r in artifacts.read_predictions_csv(path)}
 
 
+def score_rows(scorer, model, adapter: str, rows: list) -> tuple[dict, dict]:
+    """An adapter's price metrics on `rows` and its absolute error per row id (in the rows' order). As the metrics
+    and tuner's predictions file score them: an answer that is not a number counts as 0."""
+    from tuner.scoring import price_metrics
+
+    res = scorer.predict(model, [e.prompt for e in rows], adapter=adapter)
+    metrics = price_metrics([x.value for x in res.predictions], [e.price for e in rows])
+    return metrics, {e.row_id: abs((x.value or 0.0) - e.price) for x, e in zip(res.predictions, rows)}
+
+
 def run_tuner(cfg_dict: dict, url: str, out_dir: Path) -> tuple[float, float, dict, dict]:
     """tuner's default study, run by the `tuner` command of the Python running this bench (`tuner run`, exactly as a
     user runs it; from a fresh venv, the installed wheel). Returns (best test MAE, wall seconds, its baselines, the
@@ -116,7 +126,6 @@ def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, 
     from tuner.loop import train_one
     from tuner.models import load_base, release
     from tuner.prepare import prepare
-    from tuner.scoring import price_metrics
     from tuner.space import sample
     from tuner.train import TrialRun
 
@@ -141,10 +150,8 @@ def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, 
         scores: dict = {}
 
         def score(run):
-            res = ready.scorers[p.model].predict(base.model, [e.prompt for e in splits.test], adapter=run.name)
-            scores.update(price_metrics([x.value for x in res.predictions], [e.price for e in splits.test]))
-            # As the metrics and tuner's predictions file score them: an answer that is not a number counts as 0.
-            scores["errors"] = {e.row_id: abs((x.value or 0.0) - e.price) for x, e in zip(res.predictions, splits.test)}
+            metrics, scores["errors"] = score_rows(ready.scorers[p.model], base.model, run.name, splits.test)
+            scores.update(metrics)
 
         with tempfile.TemporaryDirectory() as tmp:
             train_one(base, TrialRun(f"plain-{trial.number}", p, rows, Path(tmp), checkpoint_every=None),

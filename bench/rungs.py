@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from common import emit
-from quality import default_sweep
+from quality import default_sweep, score_rows
 
 RUNG = 100
 # The order the pool grows in: the default's two queued trials (a fixed rate: diamonds has 250 steps), then draws.
@@ -40,7 +40,6 @@ def collect(pool: Path, trials: int, queued: list[dict]) -> None:
     from tuner.loop import train_one
     from tuner.models import load_base
     from tuner.prepare import prepare
-    from tuner.scoring import price_metrics
     from tuner.space import sample
     from tuner.train import Evaluation, TrialRun
 
@@ -71,9 +70,8 @@ def collect(pool: Path, trials: int, queued: list[dict]) -> None:
         rec: dict = {"i": i, "kind": kind, "r": p.r, "dropout": p.dropout, "lr": p.learning_rate, "seed": p.seed}
 
         def score(run, rows_):
-            res = scorer.predict(base.model, [e.prompt for e in rows_], adapter=run.name)
-            errors = [abs((x.value or 0.0) - e.price) for x, e in zip(res.predictions, rows_)]
-            return price_metrics([x.value for x in res.predictions], [e.price for e in rows_])["mae"], errors
+            metrics, errors = score_rows(scorer, base.model, run.name, rows_)
+            return metrics["mae"], list(errors.values())
 
         class Hooks:
             def on_step(self, run, record):
