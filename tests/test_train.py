@@ -4,6 +4,7 @@ detection of dead and exploding trials, exact resume, and the same loss curve as
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import pytest
@@ -299,20 +300,34 @@ def test_loraplus_steps_b_at_its_ratio_of_the_learning_rate(base16, diamonds):
 
 
 def test_number_loss_grades_each_digit_by_its_distance_from_the_truth(tokenizer):
-    """NTL-WAS by hand: sum_d p(d) |d - y| over the ten digit tokens at a digit label, nothing elsewhere."""
-    from tuner.loop import digit_table, number_token_loss
+    """NTL-WAS by hand: sum_d p(d) |d - y| over the ten digit tokens at a digit label, nothing elsewhere; at a row's
+    first scored token (the leading digit, whose place is not yet decided) the distance is on the log-mantissa circle."""
+    from tuner.loop import digit_table, leading_digit_distance, number_token_loss
 
     table = digit_table(tokenizer)
     ids = [tokenizer.encode(str(d), add_special_tokens=False)[0] for d in range(10)]
     assert [int(table[i]) for i in ids] == list(range(10)) and int((table >= 0).sum()) == 10
     dot = tokenizer.encode(".", add_special_tokens=False)[0]
-    logits = torch.zeros(5, len(table))
-    logits[0, ids[3]] = 60.0  # sure of 3, the truth 5: distance 2
+    lead = leading_digit_distance()
+    assert torch.equal(lead, lead.T) and not lead.diagonal().any()
+    # 9 (of 9,500) and 1 (of 15,000) lie closer than 1 (of 1,500) and 2 (of 2,500); 8 and 9 closer still.
+    assert lead[9, 1] == pytest.approx(10 * (1 - math.log10(9.5) + math.log10(1.5)), abs=1e-5)
+    assert lead[8, 9] < lead[9, 1] < lead[1, 2] and lead[0, 1:].eq(5).all()
+    # Each row's completion along the last axis: a leading 1 (of 1x,xxx), then one more token.
+    logits = torch.zeros(5, 2, len(table))
+    logits[:, 0, ids[9]] = 60.0  # every row sure of a leading 9 where the truth is 1: 1.98, not 8
+    logits[0, 1, ids[3]] = 60.0  # sure of 3, the truth 5: distance 2
     # row 1: every digit alike (the other tokens do not count): the mean distance to 5 is 2.5
-    logits[2, ids[5]] = 60.0  # sure of the truth: nothing
-    labels = torch.tensor([ids[5], ids[5], ids[5], dot, -100])  # rows 3, 4: not a digit, not scored
+    logits[2, 1, ids[5]] = 60.0  # sure of the truth: nothing
+    labels = torch.tensor([[ids[1], ids[5]], [ids[1], ids[5]], [ids[1], ids[5]], [ids[1], dot], [ids[1], -100]])
     got = number_token_loss(logits, labels, table)
-    assert got.tolist() == pytest.approx([2.0, 2.5, 0.0, 0.0, 0.0], abs=1e-6)
+    l91 = float(lead[9, 1])
+    assert got.flatten().tolist() == pytest.approx([l91, 2.0, l91, 2.5, l91, 0.0, l91, 0.0, l91, 0.0], abs=1e-5)
+    # A shorter completion is right-aligned behind -100: its leading digit is its first scored token.
+    logits = torch.zeros(2, 2, len(table))
+    logits[:, :, ids[9]] = 60.0  # sure of 9 everywhere, the truth 1
+    got = number_token_loss(logits, torch.tensor([[-100, ids[1]], [ids[1], ids[1]]]), table)
+    assert got.flatten().tolist() == pytest.approx([0, l91, l91, 8.0], abs=1e-5)
 
     class Grouped:  # a tokenizer that writes some digit with two tokens cannot have the loss
         def get_vocab(self):
@@ -325,6 +340,17 @@ def test_number_loss_grades_each_digit_by_its_distance_from_the_truth(tokenizer)
             return [0, 1] if text == "7" else [0]
 
     assert digit_table(Grouped()) is None
+
+
+def test_a_rows_first_scored_label_is_its_prices_leading_digit(tokenizer, diamonds):
+    """The number loss leaves each row's first scored token alone, meaning the price's leading digit: that holds
+    only while collate puts the completion, and nothing before it, under the labels."""
+    examples = diamonds.train[:8]
+    rows, _ = encode(tokenizer, examples, 182)
+    labels = collate([("a", rows)], tokenizer.pad_token_id, "cpu").labels
+    assert len({int((row >= 0).sum()) for row in labels}) > 1  # some rows' completions are shorter (right-aligned)
+    for ex, row in zip(examples, labels):
+        assert tokenizer.decode([int(row[row >= 0][0])]) == ex.completion[0], ex.completion
 
 
 def test_number_loss_adds_its_weight_times_the_digit_distance_to_the_step_loss(base16, diamonds):
