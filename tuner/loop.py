@@ -76,7 +76,8 @@ def number_token_loss(logits: torch.Tensor, labels: torch.Tensor, table: torch.T
     # The leading digit's place is decided only later, by how many digits follow, so |d - y| there is not price
     # distance: the 9 of 9,400 and the 1 of 10,400 are 8 apart. Graded by it, the stones that straddle $10,000 were
     # pulled to middle digits (16 of the 21 test stones over $8,000 answered $4,455 or $4,555); left to
-    # cross-entropy alone, every answer began with the most common leading digit, 1 (README, "What a trial is").
+    # cross-entropy alone, every answer of one trial began with the commonest leading digit, 1 (README, "What a trial
+    # is").
     scored = labels >= 0
     leading = scored & ~F.pad(scored[..., :-1], (1, 0), value=False)
     dist = torch.where(leading.unsqueeze(-1), leading_digit_distance(logits.device)[y].to(p.dtype), dist)
