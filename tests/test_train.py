@@ -301,7 +301,7 @@ def test_loraplus_steps_b_at_its_ratio_of_the_learning_rate(base16, diamonds):
 
 def test_number_loss_grades_each_digit_by_its_distance_from_the_truth(tokenizer):
     """NTL-WAS by hand: sum_d p(d) |d - y| over the ten digit tokens at a digit label, nothing elsewhere; at a row's
-    first scored token (the leading digit, whose place is not yet decided) the distance is on the log-mantissa circle."""
+    first scored token (the leading digit, whose place is not yet decided) the distance is on the log-price circle."""
     from tuner.loop import digit_table, leading_digit_distance, number_token_loss
 
     table = digit_table(tokenizer)
@@ -343,8 +343,8 @@ def test_number_loss_grades_each_digit_by_its_distance_from_the_truth(tokenizer)
 
 
 def test_a_rows_first_scored_label_is_its_prices_leading_digit(tokenizer, diamonds):
-    """The number loss leaves each row's first scored token alone, meaning the price's leading digit: that holds
-    only while collate puts the completion, and nothing before it, under the labels."""
+    """The number loss grades each row's first scored token as the price's leading digit (on the log-price circle):
+    that holds only while collate puts the completion, and nothing before it, under the labels."""
     examples = diamonds.train[:8]
     rows, _ = encode(tokenizer, examples, 182)
     labels = collate([("a", rows)], tokenizer.pad_token_id, "cpu").labels
