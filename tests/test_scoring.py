@@ -154,3 +154,91 @@ def test_expected_value_readout_with_multi_digit_tokens():
                 num, den = num + pp * int(s), den + pp
         assert den > 0 and pred.value == pytest.approx(num / den, rel=1e-4)
 
+
+
+def test_median_readout_answers_the_median_of_sampled_prices_not_the_mode():
+    """A model whose price is 1 (p 0.4), 3 (0.3) or 9 (0.3), then the end: greedy reads the mode, 1; the median
+    read-out samples prices and answers their median, 3, which is what minimises the expected absolute error. The
+    prompt is read once per row, so the rows' samples must each get their own draw after the cache is copied."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _multi_digit_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+    model = LlamaForCausalLM(cfg).eval()
+    dollar, eos = tok.convert_tokens_to_ids("$"), tok.eos_token_id
+    after_dollar = torch.full((len(tok),), -1e9)
+    for word, p in (("1", 0.4), ("3", 0.3), ("9", 0.3)):
+        after_dollar[tok.convert_tokens_to_ids(word)] = math.log(p)
+    after_digit = torch.full((len(tok),), -1e9)
+    after_digit[eos] = 0.0
+
+    fed: list[list[int]] = []  # the first digit each decoded sequence was given, per batch
+
+    def fixed_logits(module, args, kwargs, out):
+        last = kwargs["input_ids"][:, -1:]  # [rows, 1]: the token each row's next one follows
+        if kwargs["input_ids"].shape[1] == 1 and not bool((last == dollar).any()):
+            fed.append(last[:, 0].tolist())
+        out.logits = torch.where((last == dollar)[..., None], after_dollar, after_digit).expand(-1, 1, -1).clone()
+        return out
+
+    model.register_forward_hook(fixed_logits, with_kwargs=True)
+    prompts = ["How much does this cost ? a lamp . Price is $", "How much does this cost ? table . Price is $",
+               "How much ? chair . Price is $"]
+    greedy = PriceScorer(tok, max_price=999, batch_size=2).predict(model, prompts).predictions
+    assert [p.value for p in greedy] == [1.0, 1.0, 1.0]
+    fed.clear()
+    scorer = PriceScorer(tok, max_price=999, batch_size=32, method="median", samples=301)
+    median = scorer.predict(model, prompts).predictions
+    assert [(p.value, p.text) for p in median] == [(3.0, "3")] * 3
+    # Drawn, not copied: each row's 301 samples (rows follow each other in the batch) hold the three prices in
+    # about their proportions.
+    draws = [b[r * 301:(r + 1) * 301] for b in fed for r in range(len(b) // 301)]
+    assert [len(b) for b in fed] == [301] * 3 and len(draws) == 3  # batch_size counts sequences: a row at a time
+    one = tok.convert_tokens_to_ids("1")
+    assert all(len(set(d)) == 3 and 0.3 < d.count(one) / 301 < 0.5 for d in draws)
+    assert [p.value for p in scorer.predict(model, prompts).predictions] == [3.0] * 3  # seeded: the same again
+    # Several rows a batch (10 sequences: two rows of 5 samples): each row's samples are its own, in order.
+    lamp, table = tok.convert_tokens_to_ids("lamp"), tok.convert_tokens_to_ids("table")
+    certain = {lamp: "9", table: "3"}
+
+    def per_row(module, args, kwargs, out):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1:  # a prompt's pass: a lamp is surely $9, a table $3
+            for r in range(ids.shape[0]):
+                for word, price in certain.items():
+                    if bool((ids[r] == word).any()):
+                        out.logits[r, -1] = -1e9
+                        out.logits[r, -1, tok.convert_tokens_to_ids(price)] = 0.0
+        return out
+
+    handle = model.register_forward_hook(per_row, with_kwargs=True)
+    two = PriceScorer(tok, max_price=999, batch_size=10, method="median", samples=5)
+    assert [p.value for p in two.predict(model, prompts).predictions][:2] == [9.0, 3.0]
+    handle.remove()
+    # Validation reads greedily under any method (it only ranks trials for the pruner).
+    assert [p.value for p in scorer.predict(model, prompts, greedy=True).predictions] == [1.0] * 3
+
+
+def test_median_samples_are_validated_with_the_method():
+    from tuner.config import parse_config
+    from tuner.errors import ConfigError
+
+    assert parse_config({"scoring": {"method": "median"}}, "s.yaml").scoring.samples == 31
+    with pytest.raises(ConfigError, match=r"s.yaml: scoring.samples: expected no samples with method greedy"):
+        parse_config({"scoring": {"samples": 5}}, "s.yaml")
+    with pytest.raises(ConfigError, match=r"scoring.samples: expected a value >= 2"):
+        parse_config({"scoring": {"method": "median", "samples": 1}}, "s.yaml")
+
+
+def test_the_read_out_is_part_of_a_studys_signature():
+    """Greedy and median readings of one adapter differ, so a study cannot mix them; greedy, the default, leaves
+    the signature as it was before the median existed."""
+    from tuner.config import parse_config
+    from tuner.space import space_signature
+
+    greedy = space_signature(parse_config({}, "s.yaml"))
+    assert "scoring" not in greedy
+    median = space_signature(parse_config({"scoring": {"method": "median"}}, "s.yaml"))
+    assert median["scoring"] == {"method": "median", "samples": 31}
+    assert median != space_signature(parse_config({"scoring": {"method": "median", "samples": 15}}, "s.yaml"))

@@ -592,8 +592,16 @@ class StudySpec(_Strict):
 class ScoringSpec(_Strict):
     # Fixed: quantized kernels are not batch-invariant, so a row's prediction must not depend on free memory.
     batch_size: int = Field(default=32, ge=1, le=65536)
-    method: Literal["greedy", "expected_value"] = "greedy"
+    method: Literal["greedy", "median", "expected_value"] = "greedy"
     top_k: int = Field(default=10, ge=1, le=1000)
+    samples: int = Field(default=31, ge=2, le=1024)  # median: prices drawn per row
+
+    @model_validator(mode="after")
+    def _samples_need_median(self) -> "ScoringSpec":
+        if "samples" in self.model_fields_set and self.method != "median":
+            raise _SubKeyError(".samples", f"expected no samples with method {self.method} "
+                                           f"(only `method: median` draws them)")
+        return self
 
 
 class WandbSpec(_Strict):

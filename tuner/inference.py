@@ -158,7 +158,8 @@ def load(adapter: str, *, revision: str | None = None, base: str | None = None, 
         peft_model = PeftModel.from_pretrained(loaded.model, src.ref, **kwargs).eval()
     s = info.scoring
     scorer = PriceScorer(loaded.tokenizer, max_price=info.max_price, batch_size=batch_size or s["batch_size"],
-                         method=s["method"], top_k=s["top_k"])
+                         method=s["method"], top_k=s["top_k"],
+                         samples=s.get("samples", 31))  # adapters saved before `samples` existed
     # The scorer drives the transformers model directly (its cache argument is named per transformers version,
     # which PeftModel's generic forward hides); peft's LoRA layers live inside that model.
     return Predictor(src, info, loaded, peft_model.get_base_model(), scorer, note)

@@ -1,4 +1,5 @@
-"""Price scoring: batched constrained greedy decoding, the expected-value read-out, metrics and baselines.
+"""Price scoring: batched constrained greedy decoding, the sampled-median and expected-value read-outs, metrics and
+baselines.
 
 Knows nothing of Optuna or of how a model was trained: it takes a causal LM, a tokenizer and prompts, and the
 name of the adapter to score (`lora.routing` gives it the rows).
@@ -9,6 +10,11 @@ row has. Rows are scored in fixed-size batches (quantized kernels are not batch-
 not depend on free memory), left-padded behind a shared prefix: the longest token prefix all prompts share is run
 once and its key/value cache reused by every batch, since the recipe's prompts all begin with the same question.
 When the constraint overrides the model's own top choice it is counted (`off_grammar_rate`), never hidden.
+
+The median read-out (`method: median`) draws `samples` prices per row from the model's distribution under the same
+constraint and answers their median: the point that minimises the expected absolute error under that distribution,
+where greedy decoding takes the likeliest digit at each place in turn. Each row's prompt is read once and its cache
+copied to its samples; the draws are seeded by the batch, so a row reads the same price every time.
 
 Metrics follow the original evaluator: absolute error in dollars, squared log error (log(truth+1) - log(pred+1)),
 and a hit when the error is under $40 or under 20% of the truth. A prediction that does not parse is counted in
@@ -178,6 +184,14 @@ def _out_cache(res):
     return cache if cache is not None else res["past_key_values"]
 
 
+def _median_of(samples: list[Prediction]) -> Prediction:
+    """One row's answer from its sampled prices: the (lower) median, which minimises the expected absolute error
+    under the model's own distribution and, being one of the samples, keeps its decoded text. Samples that read as
+    no number are left out; if all are, the row has no number."""
+    read = sorted((p for p in samples if p.value is not None), key=lambda p: p.value)
+    return read[(len(read) - 1) // 2] if read else samples[0]
+
+
 def _common_prefix(seqs: list[list[int]]) -> int:
     if not seqs:
         return 0
@@ -190,11 +204,14 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 
 
 class PriceScorer:
-    """Batched, constrained greedy price decoding (or the expected-value read-out) on any causal LM."""
+    """Batched, constrained price decoding (greedy or the median of samples; or the expected-value read-out) on any
+    causal LM."""
 
     def __init__(self, tokenizer, *, max_price: float, batch_size: int = 32, method: str = "greedy",
-                 top_k: int = 10, share_prefix: bool = True):
+                 top_k: int = 10, samples: int = 31, seed: int = 0, share_prefix: bool = True):
         self.tok = tokenizer
+        self.samples = samples if method == "median" else 1
+        self.seed = seed
         self.batch_size = batch_size
         self.method = method
         self.top_k = top_k
@@ -204,7 +221,9 @@ class PriceScorer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.vocab.eos_ids[0]
 
     @torch.no_grad()
-    def predict(self, model, prompts: Sequence[str], adapter: str | None = None) -> ScoreRun:
+    def predict(self, model, prompts: Sequence[str], adapter: str | None = None, *,
+                greedy: bool = False) -> ScoreRun:
+        """Each prompt's price. `greedy`: read greedily whatever the method (validation: see `TrialOutcome`)."""
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
@@ -214,7 +233,9 @@ class PriceScorer:
         steps = 0
         # Longest first, in fixed-size batches: a deterministic function of the rows, with little padding.
         order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
-        prefix_len = _common_prefix(ids) if self.share_prefix and self.method == "greedy" else 0
+        decodes = self.method in ("greedy", "median")
+        samples = 1 if greedy else self.samples
+        prefix_len = _common_prefix(ids) if self.share_prefix and decodes else 0
         prefix_len = min(prefix_len, min((len(s) for s in ids), default=1) - 1)  # leave every row a suffix
         prefix_cache = None
         if prefix_len > 0:
@@ -223,13 +244,22 @@ class PriceScorer:
                 res = model(input_ids=pre, use_cache=True, logits_to_keep=1, **{_cache_kw(model): None})
             prefix_cache = _out_cache(res)
         try:
-            for b in range(0, len(order), self.batch_size):
-                idx = order[b:b + self.batch_size]
+            # `batch_size` counts decoded sequences: with samples, fewer rows at a time (each row's samples share its
+            # prompt's cache, copied once per sample), so that memory stays what greedy reading takes.
+            per_batch = max(1, self.batch_size // samples)
+            for b in range(0, len(order), per_batch):
+                idx = order[b:b + per_batch]
                 batch = [ids[i][prefix_len:] for i in idx]
-                with lora.routing(model, _rows_of(adapter, len(batch))):
-                    if self.method == "greedy":
-                        preds, n = self._greedy(model, batch, prefix_len, prefix_cache, device)
+                # Each row's samples follow it in the batch (see `_greedy`): the routing covers all of them.
+                with lora.routing(model, _rows_of(adapter, len(batch) * samples)):
+                    if decodes:
+                        gen = None
+                        if samples > 1:  # seeded by the batch's place: the same rows read the same prices
+                            gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + b)
+                        preds, n = self._greedy(model, batch, prefix_len, prefix_cache, device, samples, gen)
                         steps += n
+                        if samples > 1:
+                            preds = [_median_of(preds[r * samples:(r + 1) * samples]) for r in range(len(batch))]
                     else:
                         preds = self._expected_value(model, batch, device)
                 for i, p in zip(idx, preds):
@@ -251,7 +281,10 @@ class PriceScorer:
             mask[r, width - len(s):] = 1
         return input_ids.to(device), mask.to(device)
 
-    def _greedy(self, model, seqs, prefix_len, prefix_cache, device) -> tuple[list[Prediction], int]:
+    def _greedy(self, model, seqs, prefix_len, prefix_cache, device, samples: int = 1,
+                generator: torch.Generator | None = None) -> tuple[list[Prediction], int]:
+        """Constrained decoding of each row's price: greedy, or with a generator `samples` prices per row drawn from
+        the model's distribution over what a price can be (rows r*samples to (r+1)*samples-1 are row r's)."""
         rows = len(seqs)
         input_ids, mask = self._left_pad(seqs, device)
         if prefix_cache is not None:
@@ -267,6 +300,13 @@ class PriceScorer:
                     use_cache=True, logits_to_keep=1, **{kw: cache})
         cache = _out_cache(res)
         logits = res.logits[:, -1, :].float()
+        if generator is not None and samples > 1:
+            # The prompt is read once per row; only the few decode steps run per sample.
+            k = samples
+            logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+            positions = positions.repeat_interleave(k, 0)
+            cache.batch_repeat_interleave(k)
+            rows *= k
 
         digit_len = self.vocab.digit_len.to(device)
         dot_digits = self.vocab.dot_digits.to(device)
@@ -290,8 +330,12 @@ class PriceScorer:
             allow_eos = is_eos[None, :] & torch.ones_like(before_point)[:, None]
             allowed = allow_digits | allow_dot | allow_eos
             masked = logits.masked_fill(~allowed, float("-inf"))
-            choice = masked.argmax(-1)
-            off += ((logits.argmax(-1) != choice) & ~done).long()
+            top = masked.argmax(-1)
+            off += ((logits.argmax(-1) != top) & ~done).long()
+            if generator is None:
+                choice = top
+            else:
+                choice = torch.multinomial(torch.softmax(masked, -1), 1, generator=generator).squeeze(1)
             choice = torch.where(done, torch.full_like(choice, self.pad_id), choice)
             tokens.append(choice)
             steps += 1

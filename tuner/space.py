@@ -301,6 +301,10 @@ def space_signature(cfg: SweepConfig) -> dict:
         "target_sets": {k: s.target_set(k) for k in s.target_modules.values()},
         "train": {k: dim(getattr(t, k)) for k in TRAIN_SETTINGS if not later(t, k)}
         | {"seed": t.seed, "max_steps": t.max_steps},
+        # How a price is read decides the objective's value. Greedy (the default) is absent: studies before it.
+        **({"scoring": {"method": cfg.scoring.method}
+            | ({"samples": cfg.scoring.samples} if cfg.scoring.method == "median" else {})}
+           if cfg.scoring.method != "greedy" else {}),
     }
 
 
