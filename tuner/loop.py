@@ -17,6 +17,7 @@ Out of memory: "auto" gradient checkpointing turns on first; after that each run
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import time
@@ -46,6 +47,7 @@ def digit_table(tokenizer) -> torch.Tensor | None:
     return table
 
 
+@functools.lru_cache(maxsize=None)  # one per device, made once: the loss reads it every step (never written)
 def leading_digit_distance(device=None) -> torch.Tensor:
     """[10, 10] the distance between two leading digits: how far apart their numbers' log-mantissas lie on the
     circle log10(x) mod 1 (at each digit's middle, d + 0.5), times 10 to sit on the scale of the other digits'
