@@ -250,13 +250,13 @@ class PriceScorer:
             for b in range(0, len(order), per_batch):
                 idx = order[b:b + per_batch]
                 batch = [ids[i][prefix_len:] for i in idx]
-                # Each row's samples follow it in the batch (see `_greedy`): the routing covers all of them.
+                # Each row's samples follow it in the batch (see `_decode`): the routing covers all of them.
                 with lora.routing(model, _rows_of(adapter, len(batch) * samples)):
                     if decodes:
                         gen = None
                         if samples > 1:  # seeded by the batch's place: the same rows read the same prices
                             gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + b)
-                        preds, n = self._greedy(model, batch, prefix_len, prefix_cache, device, samples, gen)
+                        preds, n = self._decode(model, batch, prefix_len, prefix_cache, device, samples, gen)
                         steps += n
                         if samples > 1:
                             preds = [_median_of(preds[r * samples:(r + 1) * samples]) for r in range(len(batch))]
@@ -281,7 +281,7 @@ class PriceScorer:
             mask[r, width - len(s):] = 1
         return input_ids.to(device), mask.to(device)
 
-    def _greedy(self, model, seqs, prefix_len, prefix_cache, device, samples: int = 1,
+    def _decode(self, model, seqs, prefix_len, prefix_cache, device, samples: int = 1,
                 generator: torch.Generator | None = None) -> tuple[list[Prediction], int]:
         """Constrained decoding of each row's price: greedy, or with a generator `samples` prices per row drawn from
         the model's distribution over what a price can be (rows r*samples to (r+1)*samples-1 are row r's)."""
