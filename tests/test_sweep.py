@@ -121,14 +121,17 @@ def test_default_sweep_is_the_measured_one():
     # measured), so one trial's training alone must stay well within them.
     assert cfg.study.deadline is not None and cfg.study.deadline <= 14.5 * 60 and cfg.study.timeout is None
     assert cfg.data.train_rows * 0.4 <= 7 * 60
-    assert cfg.study.pruner.type == "successive_halving" and cfg.train.eval_every is not None
-    assert cfg.study.pruner.min_resource % cfg.train.eval_every == 0  # each rung falls on an evaluation
-    # No cut past half a trial (PrunerSpec.until): the first rung, at least, falls before it.
-    assert cfg.study.pruner.until == 0.5 and cfg.study.pruner.min_resource <= 0.5 * cfg.data.train_rows / 4
+    # Pruning on validation MAE, but never of the two queued trials (the median pruner waits for two trials to
+    # end): successive halving cut the second of them by a 32-row reading that ranks trials by chance.
+    assert cfg.study.pruner.type == "median" and cfg.train.eval_every is not None
+    assert cfg.study.pruner.n_startup_trials == len(cfg.study.enqueue) == 2
+    assert cfg.study.pruner.n_warmup_steps % cfg.train.eval_every == 0  # the first reading asked falls on an evaluation
+    # No cut past half a trial (PrunerSpec.until): the first reading asked, at least, falls before it.
+    assert cfg.study.pruner.until == 0.5 and cfg.study.pruner.n_warmup_steps <= 0.5 * cfg.data.train_rows / 4
     assert cfg.search.target_modules.value == "attention+mlp" and cfg.train.batch_size.value == 4
     assert cfg.train.max_length.value == "auto" and cfg.study.trials >= 3
-    # One trial at a time on the CPU (the first complete trial, which pruning compares with, comes at 6 minutes, not
-    # 16), a learning-rate range around the measured best that excludes 3.3e-3 (54-62%) and the diverged 5.7e-3,
+    # One trial at a time on the CPU (co-training these trials gained no rows/s there, and each ran at half speed), a
+    # learning-rate range around the measured best that excludes 3.3e-3 (54-62%) and the diverged 5.7e-3,
     # and the measured best rate, moved to the data's steps, as the first trials.
     assert cfg.train.cotrain == 1
     assert 1e-3 <= cfg.search.learning_rate.low and cfg.search.learning_rate.high < 3.3e-3
@@ -140,6 +143,37 @@ def test_default_sweep_is_the_measured_one():
     # The number-token loss on (cross-entropy alone collapsed to a few answers: README's table).
     assert cfg.train.number_loss.value == 0.5
 
+
+
+def test_the_default_pruner_never_cuts_the_queued_trials_and_cuts_a_later_one_behind_them():
+    """The default's pruner, as the study makes it, on readings at the default's evaluation steps: the second queued
+    trial, far behind the first at step 100, goes on (successive halving cut it there in four studies of five); once
+    both have ended, a trial behind their median at step 100 stops, one ahead goes on, and none is asked past half."""
+    from tuner.config import load_config
+    from tuner.study import make_pruner
+
+    cfg = load_config(REPO / "sweeps" / "default.yaml")
+    study = optuna.create_study(pruner=make_pruner(cfg))
+    steps = range(cfg.train.eval_every, 250 + 1, cfg.train.eval_every)
+
+    def reported(trial, value_at_100):
+        for step in steps:
+            if step > cfg.study.pruner.until * 250:  # outcome.on_evaluate does not ask past `until`
+                return False
+            trial.report(value_at_100 * (2.0 if step < 100 else 1.0), step)
+            if trial.should_prune():
+                return step
+        return False
+
+    first, second = study.ask(), study.ask()
+    assert reported(first, 1_200.0) is False
+    assert reported(second, 3_000.0) is False  # 2.5 times behind the first at step 100: still not cut
+    study.tell(first, 1_200.0)
+    study.tell(second, 1_300.0)
+    behind, ahead = study.ask(), study.ask()
+    # Their median at step 100 is $2,100. Not cut at step 50 (n_warmup_steps), where a model still learns prices.
+    assert reported(behind, 4_000.0) == 100
+    assert reported(ahead, 1_000.0) is False
 
 def test_the_default_token_limit_keeps_every_diamond_and_bounds_long_listings():
     """data.train_tokens in the default: every diamonds row trains (the measured 1,000-row default), while the Ames
