@@ -144,7 +144,6 @@ def test_default_sweep_is_the_measured_one():
     assert cfg.train.number_loss.value == 0.5
 
 
-
 def test_the_default_pruner_never_cuts_the_queued_trials_and_cuts_a_later_one_behind_them():
     """The default's pruner, as the study makes it, on readings at the default's evaluation steps: the second queued
     trial, far behind the first at step 100, goes on (successive halving cut it there in four studies of five); once
@@ -174,6 +173,7 @@ def test_the_default_pruner_never_cuts_the_queued_trials_and_cuts_a_later_one_be
     # Their median at step 100 is $2,100. Not cut at step 50 (n_warmup_steps), where a model still learns prices.
     assert reported(behind, 4_000.0) == 100
     assert reported(ahead, 1_000.0) is False
+
 
 def test_the_default_token_limit_keeps_every_diamond_and_bounds_long_listings():
     """data.train_tokens in the default: every diamonds row trains (the measured 1,000-row default), while the Ames
