@@ -153,11 +153,12 @@ def test_the_default_pruner_never_cuts_the_queued_trials_and_cuts_a_later_one_be
 
     cfg = load_config(REPO / "sweeps" / "default.yaml")
     study = optuna.create_study(pruner=make_pruner(cfg))
-    steps = range(cfg.train.eval_every, 250 + 1, cfg.train.eval_every)
+    total = cfg.data.train_rows // cfg.train.batch_size.value  # 250 optimizer steps
+    steps = range(cfg.train.eval_every, total + 1, cfg.train.eval_every)
 
     def reported(trial, value_at_100):
         for step in steps:
-            if step > cfg.study.pruner.until * 250:  # outcome.on_evaluate does not ask past `until`
+            if step > cfg.study.pruner.until * total:  # as outcome.on_evaluate: not asked past `until`
                 return False
             trial.report(value_at_100 * (2.0 if step < 100 else 1.0), step)
             if trial.should_prune():
