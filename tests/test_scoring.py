@@ -95,11 +95,55 @@ def test_scorer_equals_generate_with_a_trained_adapter(base16, diamonds, prompts
             router.segments = []
             assert pred.value == parse_price(ref), (pred, ref)
         checked["values"] = [p.value for p in preds]
+        # The branch read-out on real attention and caches (each row's prompt read once, its cache copied to 3 and
+        # then 9 branches, left-padded behind the shared prefix) against one row at a time, every branch's prompt
+        # and forced tokens read afresh and its tail by plain generate.
+        branch = PriceScorer(base16.tokenizer, max_price=18823, batch_size=32, method="branch")
+        got = branch.predict(base16.model, prompts[:4], adapter=run.name).predictions
+        router.segments = [(run.name, 0, 1)]
+        try:
+            for pred, prompt, greedy in zip(got, prompts[:4], preds):
+                assert pred.text == greedy.text  # the first branch is the greedy read
+                assert pred.value == pytest.approx(_branch_reference(base16, branch, prompt), rel=1e-4)
+        finally:
+            router.segments = []
 
     run = TrialRun("t", params, rows, Path("/nonexistent/unused"))
     train_one(base16, run, on_done=compare)
     assert run.status == "completed"
     assert all(v is not None and v >= 100 for v in checked["values"]), checked  # dollars, not '1.20'
+
+
+def _branch_reference(base, scorer, prompt: str) -> float:
+    """The branch mean of one row, the slow way: the top 3 tokens a price may start with, the top 3 that may follow
+    each, every branch's prompt read again with its two tokens and finished by plain greedy `generate`."""
+    model, tok, vocab = base.model, base.tokenizer, scorer.vocab
+    eos = torch.zeros_like(vocab.digit_len, dtype=torch.bool)
+    eos[vocab.eos_ids] = True
+
+    def top3(ids: list[int], allowed: torch.Tensor) -> list[tuple[int, float]]:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        p, i = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).topk(3)
+        return list(zip(i.tolist(), p.tolist()))
+
+    ids = tok(prompt)["input_ids"]
+    room = scorer.max_int_digits
+    num, den = 0.0, 0.0
+    for t1, p1 in top3(ids, ((vocab.digit_len > 0) & (vocab.digit_len <= room)) | eos):
+        if eos[t1]:
+            continue  # no number: left out
+        left = room - int(vocab.digit_len[t1])
+        second = ((vocab.digit_len > 0) & (vocab.digit_len <= left)) | (vocab.dot_digits >= 0) | eos
+        for t2, p2 in top3(ids + [t1], second):
+            text = vocab.text[t1]
+            if not eos[t2]:
+                forced = torch.tensor([ids + [t1, t2]])
+                out = model.generate(input_ids=forced, max_new_tokens=room + 3, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+                text += tok.decode(out[0, forced.shape[1] - 1:], skip_special_tokens=True)
+            num, den = num + p1 * p2 * parse_price(text), den + p1 * p2
+    return num / den
 
 
 def test_no_number_is_a_parse_failure_not_a_crash(smol, prompts):
@@ -220,6 +264,61 @@ def test_median_readout_answers_the_median_of_sampled_prices_not_the_mode():
     assert [p.value for p in scorer.predict(model, prompts, greedy=True).predictions] == [1.0] * 3
 
 
+def test_branch_readout_is_the_probability_weighted_mean_of_its_branches():
+    """A model whose price starts 1 (p 0.5), 3 (0.3) or ends at once (0.2); after a first number it ends (0.6) or
+    adds 50 (0.4); after 50 it ends. Greedy reads 1. The branch read-out (top 3 at each of the first 2 places, each
+    branch read greedily to its end) answers the weighted mean of 1, 150, 3 and 350 (weights 0.3, 0.2, 0.18, 0.12):
+    the branch that ended with no number is left out, and the third branch after a number has probability 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuner.config import parse_config
+
+    tok = _multi_digit_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = tok.convert_tokens_to_ids
+    eos = tok.eos_token_id
+
+    def dist(pairs):
+        out = torch.full((len(tok),), -1e9)
+        for token, p in pairs:
+            out[token] = math.log(p)
+        return out
+
+    after = {ids("$"): dist([(ids("1"), 0.5), (ids("3"), 0.3), (eos, 0.2)]),
+             ids("1"): dist([(eos, 0.6), (ids("50"), 0.4)]), ids("3"): dist([(eos, 0.6), (ids("50"), 0.4)])}
+    ends = dist([(eos, 1.0)])
+    widths: list[int] = []
+
+    def fixed_logits(module, args, kwargs, out):
+        last = kwargs["input_ids"][:, -1].tolist()
+        widths.append(len(last))
+        out.logits = torch.stack([after.get(t, ends) for t in last])[:, None, :].clone()
+        return out
+
+    model.register_forward_hook(fixed_logits, with_kwargs=True)
+    prompts = ["How much does this cost ? a lamp . Price is $", "How much does this cost ? table . Price is $",
+               "How much ? chair . Price is $", "How much ? lamp . Price is $"]
+    assert [p.value for p in PriceScorer(tok, max_price=999).predict(model, prompts).predictions] == [1.0] * 4
+    spec = parse_config({"scoring": {"method": "branch"}}, "s.yaml").scoring
+    scorer = PriceScorer(tok, max_price=999, batch_size=spec.batch_size, method=spec.method,
+                         branch_top_k=spec.branch_top_k, branch_places=spec.branch_places)
+    widths.clear()
+    preds = scorer.predict(model, prompts).predictions
+    mean = (0.3 * 1 + 0.2 * 150 + 0.18 * 3 + 0.12 * 350) / 0.8
+    assert [p.value for p in preds] == pytest.approx([mean] * 4, rel=1e-4)
+    assert [p.text for p in preds] == ["1"] * 4  # the first branch is the greedy read
+    # batch_size counts decoded sequences: 32 // 9 = 3 rows a batch, then 1. After the shared prefix (1 row), each
+    # prompt is read once (3 rows), then its first place's 3 branches each (9), then the 9 each 3 again (27).
+    assert widths == [1, 3, 9, 27, 1, 3, 9]
+    # Validation reads greedily under any method.
+    assert [p.value for p in scorer.predict(model, prompts, greedy=True).predictions] == [1.0] * 4
+    # One place: 1 (0.5) and 3 (0.3), each read greedily (1 and 3).
+    one = PriceScorer(tok, max_price=999, method="branch", branch_top_k=3, branch_places=1)
+    assert [p.value for p in one.predict(model, prompts).predictions] == pytest.approx([(0.5 + 0.9) / 0.8] * 4)
+
+
 def test_median_samples_are_validated_with_the_method():
     from tuner.config import parse_config
     from tuner.errors import ConfigError
@@ -229,6 +328,9 @@ def test_median_samples_are_validated_with_the_method():
         parse_config({"scoring": {"samples": 5}}, "s.yaml")
     with pytest.raises(ConfigError, match=r"scoring.samples: expected a value >= 2"):
         parse_config({"scoring": {"method": "median", "samples": 1}}, "s.yaml")
+    with pytest.raises(ConfigError, match=r"s.yaml: scoring.branch_top_k: expected no branch_top_k with method "
+                                          r"median \(only `method: branch` uses it\)"):
+        parse_config({"scoring": {"method": "median", "branch_top_k": 4}}, "s.yaml")
 
 
 def test_the_read_out_is_part_of_a_studys_signature():
@@ -242,3 +344,5 @@ def test_the_read_out_is_part_of_a_studys_signature():
     median = space_signature(parse_config({"scoring": {"method": "median"}}, "s.yaml"))
     assert median["scoring"] == {"method": "median", "samples": 31}
     assert median != space_signature(parse_config({"scoring": {"method": "median", "samples": 15}}, "s.yaml"))
+    branch = space_signature(parse_config({"scoring": {"method": "branch"}}, "s.yaml"))
+    assert branch["scoring"] == {"method": "branch", "branch_top_k": 3, "branch_places": 2}

@@ -592,15 +592,20 @@ class StudySpec(_Strict):
 class ScoringSpec(_Strict):
     # Fixed: quantized kernels are not batch-invariant, so a row's prediction must not depend on free memory.
     batch_size: int = Field(default=32, ge=1, le=65536)
-    method: Literal["greedy", "median", "expected_value"] = "greedy"
+    method: Literal["greedy", "median", "expected_value", "branch"] = "greedy"
     top_k: int = Field(default=10, ge=1, le=1000)
     samples: int = Field(default=31, ge=2, le=1024)  # median: prices drawn per row
+    # branch: the top `branch_top_k` tokens at each of the first `branch_places` places of the number, each branch
+    # read greedily to its end; the answer is their probability-weighted mean (branch_top_k ** branch_places reads).
+    branch_top_k: int = Field(default=3, ge=2, le=10)
+    branch_places: int = Field(default=2, ge=1, le=3)
 
     @model_validator(mode="after")
-    def _samples_need_median(self) -> "ScoringSpec":
-        if "samples" in self.model_fields_set and self.method != "median":
-            raise _SubKeyError(".samples", f"expected no samples with method {self.method} "
-                                           f"(only `method: median` draws them)")
+    def _settings_need_their_method(self) -> "ScoringSpec":
+        for key, method in (("samples", "median"), ("branch_top_k", "branch"), ("branch_places", "branch")):
+            if key in self.model_fields_set and self.method != method:
+                raise _SubKeyError(f".{key}", f"expected no {key} with method {self.method} "
+                                              f"(only `method: {method}` uses it)")
         return self
 
 

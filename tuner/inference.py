@@ -159,7 +159,8 @@ def load(adapter: str, *, revision: str | None = None, base: str | None = None, 
     s = info.scoring
     scorer = PriceScorer(loaded.tokenizer, max_price=info.max_price, batch_size=batch_size or s["batch_size"],
                          method=s["method"], top_k=s["top_k"],
-                         samples=s.get("samples", 31))  # adapters saved before `samples` existed
+                         samples=s.get("samples", 31),  # adapters saved before `samples` existed
+                         branch_top_k=s.get("branch_top_k", 3), branch_places=s.get("branch_places", 2))
     # The scorer drives the transformers model directly (its cache argument is named per transformers version,
     # which PeftModel's generic forward hides); peft's LoRA layers live inside that model.
     return Predictor(src, info, loaded, peft_model.get_base_model(), scorer, note)

@@ -47,7 +47,8 @@ def prepare(cfg: SweepConfig) -> Prepared:
         out.resolved[spec.key], out.modules[spec.key], out.tokenizers[spec.key] = resolved, modules, tok
         out.scorers[spec.key] = PriceScorer(tok, max_price=out.splits.max_price, batch_size=cfg.scoring.batch_size,
                                             method=cfg.scoring.method, top_k=cfg.scoring.top_k,
-                                            samples=cfg.scoring.samples)
+                                            samples=cfg.scoring.samples, branch_top_k=cfg.scoring.branch_top_k,
+                                            branch_places=cfg.scoring.branch_places)
     resolve_auto(out)
     take_token_budget(out)
     fit_every_budget(out)

@@ -1,5 +1,5 @@
-"""Price scoring: batched constrained greedy decoding, the sampled-median and expected-value read-outs, metrics and
-baselines.
+"""Price scoring: batched constrained greedy decoding, the branch-mean, sampled-median and expected-value read-outs,
+metrics and baselines.
 
 Knows nothing of Optuna or of how a model was trained: it takes a causal LM, a tokenizer and prompts, and the
 name of the adapter to score (`lora.routing` gives it the rows).
@@ -10,6 +10,13 @@ row has. Rows are scored in fixed-size batches (quantized kernels are not batch-
 not depend on free memory), left-padded behind a shared prefix: the longest token prefix all prompts share is run
 once and its key/value cache reused by every batch, since the recipe's prompts all begin with the same question.
 When the constraint overrides the model's own top choice it is counted (`off_grammar_rate`), never hidden.
+
+The branch read-out (`method: branch`) splits each row at the first `branch_places` places of its number into the
+`branch_top_k` likeliest tokens there, reads every branch greedily to its end and answers the mean of those prices
+weighted by each branch's probability at the split places. Greedy decoding commits to the likeliest leading digit
+even when the model is torn between, say, 4,800 and 5,200, or 9,400 and 10,400 (a 9 or a 1 first); an error there
+is most of a row's error, and the weighted mean hedges it. Deterministic, and about branch_top_k ** branch_places
+times greedy's decode steps, with each prompt read once.
 
 The median read-out (`method: median`) draws `samples` prices per row from the model's distribution under the same
 constraint and answers their median: the point that minimises the expected absolute error under that distribution,
@@ -192,6 +199,16 @@ def _median_of(samples: list[Prediction]) -> Prediction:
     return read[(len(read) - 1) // 2] if read else samples[0]
 
 
+def _branch_mean(branches: list[Prediction], weights: list[float]) -> Prediction:
+    """One row's answer from its branches: the mean of their prices weighted by each branch's probability at the
+    places where it was split (renormalised over the branches that read as a number). The first branch is the
+    greedy read: its text and constraint count are the row's, its value the mean."""
+    read = [(p.value, w) for p, w in zip(branches, weights) if p.value is not None and w > 0]
+    total = sum(w for _, w in read)
+    value = sum(v * w for v, w in read) / total if total > 0 else None
+    return Prediction(text=branches[0].text, value=value, off_grammar_steps=branches[0].off_grammar_steps)
+
+
 def _common_prefix(seqs: list[list[int]]) -> int:
     if not seqs:
         return 0
@@ -208,9 +225,11 @@ class PriceScorer:
     causal LM."""
 
     def __init__(self, tokenizer, *, max_price: float, batch_size: int = 32, method: str = "greedy",
-                 top_k: int = 10, samples: int = 31, seed: int = 0, share_prefix: bool = True):
+                 top_k: int = 10, samples: int = 31, seed: int = 0, share_prefix: bool = True,
+                 branch_top_k: int = 3, branch_places: int = 2):
         self.tok = tokenizer
         self.samples = samples if method == "median" else 1
+        self.branch = (branch_top_k, branch_places) if method == "branch" else None
         self.seed = seed
         self.batch_size = batch_size
         self.method = method
@@ -233,8 +252,11 @@ class PriceScorer:
         steps = 0
         # Longest first, in fixed-size batches: a deterministic function of the rows, with little padding.
         order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
-        decodes = self.method in ("greedy", "median")
+        decodes = self.method in ("greedy", "median", "branch")
         samples = 1 if greedy else self.samples
+        branch = None if greedy else self.branch
+        # Decoded sequences per row: its samples, or its branches (k at each of the first places).
+        width = samples if branch is None else branch[0] ** branch[1]
         prefix_len = _common_prefix(ids) if self.share_prefix and decodes else 0
         prefix_len = min(prefix_len, min((len(s) for s in ids), default=1) - 1)  # leave every row a suffix
         prefix_cache = None
@@ -246,17 +268,17 @@ class PriceScorer:
         try:
             # `batch_size` counts decoded sequences: with samples, fewer rows at a time (each row's samples share its
             # prompt's cache, copied once per sample), so that memory stays what greedy reading takes.
-            per_batch = max(1, self.batch_size // samples)
+            per_batch = max(1, self.batch_size // width)
             for b in range(0, len(order), per_batch):
                 idx = order[b:b + per_batch]
                 batch = [ids[i][prefix_len:] for i in idx]
                 # Each row's samples follow it in the batch (see `_decode`): the routing covers all of them.
-                with lora.routing(model, _rows_of(adapter, len(batch) * samples)):
+                with lora.routing(model, _rows_of(adapter, len(batch) * width)):
                     if decodes:
                         gen = None
                         if samples > 1:  # seeded by the batch's place: the same rows read the same prices
                             gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + b)
-                        preds, n = self._decode(model, batch, prefix_len, prefix_cache, device, samples, gen)
+                        preds, n = self._decode(model, batch, prefix_len, prefix_cache, device, samples, gen, branch)
                         steps += n
                         if samples > 1:
                             preds = [_median_of(preds[r * samples:(r + 1) * samples]) for r in range(len(batch))]
@@ -282,9 +304,12 @@ class PriceScorer:
         return input_ids.to(device), mask.to(device)
 
     def _decode(self, model, seqs, prefix_len, prefix_cache, device, samples: int = 1,
-                generator: torch.Generator | None = None) -> tuple[list[Prediction], int]:
+                generator: torch.Generator | None = None,
+                branch: tuple[int, int] | None = None) -> tuple[list[Prediction], int]:
         """Constrained decoding of each row's price: greedy, or with a generator `samples` prices per row drawn from
-        the model's distribution over what a price can be (rows r*samples to (r+1)*samples-1 are row r's)."""
+        the model's distribution over what a price can be (rows r*samples to (r+1)*samples-1 are row r's), or with
+        `branch` (k, places) each row split into its top k tokens at each of the first places and every branch read
+        greedily to its end, answered as their probability-weighted mean (`_branch_mean`)."""
         rows = len(seqs)
         input_ids, mask = self._left_pad(seqs, device)
         if prefix_cache is not None:
@@ -317,6 +342,7 @@ class PriceScorer:
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         off = torch.zeros(rows, dtype=torch.long, device=device)
         tokens: list[torch.Tensor] = []
+        weight = torch.ones(rows, device=device)  # branch: the probability of the tokens forced so far
         steps = 0
         next_pos = positions[:, -1]
         while True:
@@ -332,7 +358,20 @@ class PriceScorer:
             masked = logits.masked_fill(~allowed, float("-inf"))
             top = masked.argmax(-1)
             off += ((logits.argmax(-1) != top) & ~done).long()
-            if generator is None:
+            if branch is not None and steps < branch[1]:
+                # Every row becomes k rows, one per top token; a row already ended keeps its weight in its first copy.
+                k = branch[0]
+                top_p, top_i = torch.softmax(masked, -1).topk(k, dim=-1)
+                top_p = torch.where(done[:, None], torch.eye(k, device=device)[0].expand(rows, k), top_p)
+                choice, weight = top_i.reshape(-1), (weight[:, None] * top_p).reshape(-1)
+                tokens = [t.repeat_interleave(k, 0) for t in tokens]
+                mask, next_pos = mask.repeat_interleave(k, 0), next_pos.repeat_interleave(k, 0)
+                int_digits, dec_digits = int_digits.repeat_interleave(k, 0), dec_digits.repeat_interleave(k, 0)
+                done, off, before_point = (done.repeat_interleave(k, 0), off.repeat_interleave(k, 0),
+                                           before_point.repeat_interleave(k, 0))
+                cache.batch_repeat_interleave(k)
+                rows *= k
+            elif generator is None:
                 choice = top
             else:
                 choice = torch.multinomial(torch.softmax(masked, -1), 1, generator=generator).squeeze(1)
@@ -362,6 +401,10 @@ class PriceScorer:
                     break
                 text += self.vocab.text[t]
             preds.append(Prediction(text=text, value=parse_price(text), off_grammar_steps=int(off[r])))
+        if branch is not None:
+            per = branch[0] ** branch[1]
+            w = weight.tolist()
+            preds = [_branch_mean(preds[r * per:(r + 1) * per], w[r * per:(r + 1) * per]) for r in range(len(seqs))]
         return preds, steps
 
     def _expected_value(self, model, seqs, device) -> list[Prediction]:

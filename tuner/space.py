@@ -303,7 +303,9 @@ def space_signature(cfg: SweepConfig) -> dict:
         | {"seed": t.seed, "max_steps": t.max_steps},
         # How a price is read decides the objective's value. Greedy (the default) is absent: studies before it.
         **({"scoring": {"method": cfg.scoring.method}
-            | ({"samples": cfg.scoring.samples} if cfg.scoring.method == "median" else {})}
+            | ({"samples": cfg.scoring.samples} if cfg.scoring.method == "median" else {})
+            | ({"branch_top_k": cfg.scoring.branch_top_k, "branch_places": cfg.scoring.branch_places}
+               if cfg.scoring.method == "branch" else {})}
            if cfg.scoring.method != "greedy" else {}),
     }
 
