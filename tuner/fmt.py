@@ -126,6 +126,19 @@ def row_cells(r: dict, with_model: bool) -> list[str]:
                     pct(r["hit_rate"]), secs(r["duration_s"]), r["note"]]
 
 
+def readout(scoring: dict) -> str:
+    """How a price was read (a `scoring` record, as on an adapter's `tuner.json`), in words."""
+    method = scoring.get("method", "greedy")
+    if method == "branch":
+        return (f"the branch mean (the top {scoring.get('branch_top_k', 3)} tokens at each of the first "
+                f"{scoring.get('branch_places', 2)} places, each branch read greedily, weighted by probability)")
+    if method == "median":
+        return f"the median of {scoring.get('samples', 31)} sampled prices"
+    if method == "expected_value":
+        return f"the expected value of the top {scoring.get('top_k', 10)} number tokens"
+    return "greedy decoding"
+
+
 def baseline_label(key: str) -> str:
     return {"median": "constant train median", "classical": "classical (TF-IDF + ridge)"}.get(key,
                                                                                              key.replace("_", " "))
