@@ -142,6 +142,8 @@ def test_default_sweep_is_the_measured_one():
     assert rates == [[1.5e-3, 1.5e-3], [2.5e-3, 2.5e-3]]  # 250 steps (diamonds), 88 (Ames listings)
     # The number-token loss on (cross-entropy alone collapsed to a few answers: README's table).
     assert cfg.train.number_loss.value == 0.5
+    # Prices read as the branch mean, 3 likeliest digits at each of the first 2 places (README, "Scoring").
+    assert (cfg.scoring.method, cfg.scoring.branch_top_k, cfg.scoring.branch_places) == ("branch", 3, 2)
 
 
 def test_the_default_pruner_never_cuts_the_queued_trials_and_cuts_a_later_one_behind_them():
