@@ -146,8 +146,9 @@ def test_classical_baseline_beats_the_constant_on_diamonds(diamonds):
 
 
 def test_run_says_what_was_cut_and_compares_with_every_baseline(tmp_path):
-    """One real trial on long texts: the run output and `tuner status` say how many rows were cut, the trial
-    records it, the leaderboard shows the classical baseline, and the last line compares strongest first."""
+    """One real trial on long texts, its prices read as the branch mean (the default study's read-out, said in the
+    run output): the run output and `tuner status` say how many rows were cut, the trial records it, the
+    leaderboard shows the classical baseline, and the last line compares strongest first."""
     data = long_texts(tmp_path / "d.csv", 40, (40, 160))
     sweep = tmp_path / "s.yaml"
     sweep.write_text(f"""
@@ -155,13 +156,15 @@ study: {{name: fit, trials: 1, output_dir: {tmp_path / 'runs'}}}
 data: {{source: {data}, train_rows: 16, val_rows: 8, test_rows: 16}}
 search: {{r: 8, target_modules: qv, quant_bits: 16, learning_rate: 2.0e-3}}
 train: {{batch_size: 8, max_length: 80}}
-scoring: {{batch_size: 16}}
+scoring: {{batch_size: 16, method: branch}}
 tracking: {{wandb: {{mode: disabled}}}}
 """)
     url = f"sqlite:///{tmp_path}/s.db"
     res = tuner(["run", str(sweep), "--storage", url], tmp_path, timeout=900)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
+    # The default study's read-out, through a study with tuner's own LoRA routing, said before any number.
+    assert "test prices read as the branch mean (the top 3 tokens at each of the first 2 places" in out
     study = optuna.load_study(study_name="fit", storage=url)
     fit = study.user_attrs["fits"]["builtin:smollm2-135m-instruct@80"]
     assert fit["rows"] == 40 and fit["cut"] > 20

@@ -155,6 +155,8 @@ def cmd_run(args) -> int:
     name = args.study or cfg.study.name
     console.print(f"study [bold]{name}[/bold] in {mask_url(args.storage)}; budget "
                   f"{args.trials or cfg.study.trials} trials; sweep {args.sweep}")
+    # How test prices are read moves every number on the leaderboard: said before the first of them.
+    console.print(f"test prices read as {fmt.readout(cfg.scoring.model_dump())}", markup=False, soft_wrap=True)
     t0 = time.time()
     with RichReporter() as reporter:
         report = run_worker(cfg, opts, reporter)
