@@ -136,3 +136,34 @@ def test_adapter_info_rejects_other_formats(tmp_path):
     (tmp_path / "tuner.json").write_text('{"format": "something/2"}')
     with pytest.raises(artifacts.ArtifactError, match="format 'something/2'"):
         artifacts.AdapterInfo.read(tmp_path / "tuner.json", "x")
+
+
+def test_adapter_info_validates_its_scoring_record(tmp_path):
+    """tuner.json may come from anyone's Hub repository, and the scorer sizes its work by its `scoring` record: it
+    is checked as a sweep file's `scoring:` is (a tampered one is refused, naming the key), settings of other
+    methods (model_dump writes them all) are dropped, and keys an older tuner did not write take today's defaults."""
+    import json
+
+    from tuner import artifacts
+    from tuner.config import ScoringSpec
+
+    info = {"base_model": "m", "base_fingerprint": {}, "quantization": {"bits": 4}, "question": "q",
+            "answer_prefix": "Price is $", "max_price": 100.0, "params": {}, "data": {}, "study": "s", "trial": 0}
+    path = tmp_path / "tuner.json"
+
+    def read(scoring):
+        path.write_text(json.dumps({**info, "format": artifacts.INFO_FORMAT, "scoring": scoring}))
+        return artifacts.AdapterInfo.read(path, "repo/x")
+
+    written = ScoringSpec(method="branch").model_dump()
+    assert read(written).scoring == written
+    assert read({"method": "greedy", "batch_size": 8, "top_k": 10, "samples": 31})
+    old = read({"method": "median", "batch_size": 8, "top_k": 10})  # saved before `samples` existed
+    assert (old.scoring["samples"], old.scoring["branch_top_k"]) == (31, 3)
+    with pytest.raises(artifacts.ArtifactError, match=r"repo/x: tuner.json: scoring.*branch_top_k.*less than or "
+                                                      r"equal to 10"):
+        read({**written, "branch_top_k": 1_000_000})
+    with pytest.raises(artifacts.ArtifactError, match="scoring.*batch_size"):
+        read({**written, "batch_size": 0})
+    with pytest.raises(artifacts.ArtifactError, match="scoring"):
+        read({**written, "method": "beam"})

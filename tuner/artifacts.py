@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import optuna
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import TunerError
 
@@ -149,6 +149,14 @@ class AdapterInfo(BaseModel):
     study: str
     trial: int
     checkpoint_step: int | None = None  # set on a training checkpoint; None on the trial's kept adapter
+
+    @field_validator("scoring")
+    @classmethod
+    def _scoring(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # The file may come from anyone's Hub repository; the scorer sizes its work by these settings.
+        from .config import ScoringSpec
+
+        return ScoringSpec.from_record(v).model_dump()
 
     @property
     def bits(self) -> int:

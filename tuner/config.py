@@ -589,6 +589,10 @@ class StudySpec(_Strict):
         return OBJECTIVES[self.objective]
 
 
+# Scoring settings that only one method reads, and that method.
+_METHOD_SETTINGS = (("samples", "median"), ("branch_top_k", "branch"), ("branch_places", "branch"))
+
+
 class ScoringSpec(_Strict):
     # Fixed: quantized kernels are not batch-invariant, so a row's prediction must not depend on free memory.
     batch_size: int = Field(default=32, ge=1, le=65536)
@@ -602,11 +606,23 @@ class ScoringSpec(_Strict):
 
     @model_validator(mode="after")
     def _settings_need_their_method(self) -> "ScoringSpec":
-        for key, method in (("samples", "median"), ("branch_top_k", "branch"), ("branch_places", "branch")):
+        for key, method in _METHOD_SETTINGS:
             if key in self.model_fields_set and self.method != method:
                 raise _SubKeyError(f".{key}", f"expected no {key} with method {self.method} "
                                               f"(only `method: {method}` uses it)")
         return self
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "ScoringSpec":
+        """A saved `scoring` record (an adapter's tuner.json, perhaps from the Hub) as a validated spec. Written by
+        `model_dump`, it holds every method's settings: those of other methods are dropped; keys it lacks (saved
+        before they existed) take today's defaults; the rest is checked as a sweep file's would be, so a tampered
+        file cannot ask the scorer for, say, a million branches per row."""
+        if not isinstance(record, dict):
+            raise ValueError(f"expected a mapping, got {type(record).__name__}")
+        method = record.get("method", "greedy")
+        others = {key for key, owner in _METHOD_SETTINGS if owner != method}
+        return cls.model_validate({k: v for k, v in record.items() if k not in others})
 
 
 class WandbSpec(_Strict):

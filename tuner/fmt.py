@@ -127,15 +127,16 @@ def row_cells(r: dict, with_model: bool) -> list[str]:
 
 
 def readout(scoring: dict) -> str:
-    """How a price was read (a `scoring` record, as on an adapter's `tuner.json`), in words."""
-    method = scoring.get("method", "greedy")
+    """How a price was read, in words: a `scoring` record as `ScoringSpec.model_dump` writes it (a sweep's, or an
+    adapter's tuner.json, which `AdapterInfo` completes)."""
+    method = scoring["method"]
     if method == "branch":
-        return (f"the branch mean (the top {scoring.get('branch_top_k', 3)} tokens at each of the first "
-                f"{scoring.get('branch_places', 2)} places, each branch read greedily, weighted by probability)")
+        return (f"the branch mean (the top {scoring['branch_top_k']} tokens at each of the first "
+                f"{scoring['branch_places']} places, each branch read greedily, weighted by probability)")
     if method == "median":
-        return f"the median of {scoring.get('samples', 31)} sampled prices"
+        return f"the median of {scoring['samples']} sampled prices"
     if method == "expected_value":
-        return f"the expected value of the top {scoring.get('top_k', 10)} number tokens"
+        return f"the expected value of the top {scoring['top_k']} number tokens"
     return "greedy decoding"
 
 

@@ -231,7 +231,7 @@ def model_card(study: optuna.Study, trial: FrozenTrial, info: AdapterInfo, repo_
         out += ["", scored]
     out += ["", f"Parse failures (no number in the answer, scored as $0): {fmt.pct(a.get('parse_fail_rate'), 1)}. "
             f"Scoring: {fmt.readout(info.scoring)}, constrained to a price, batch size "
-            f"{info.scoring.get('batch_size')}.", "",
+            f"{info.scoring['batch_size']}.", "",
             "## Hyperparameters", "", "| name | value |", "|---|---|"]
     out += [f"| {k} | `{json.dumps(v) if isinstance(v, (list, dict)) else v}` |" for k, v in sorted(hyper.items())]
     out += ["", "## Provenance", "",
