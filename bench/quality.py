@@ -80,6 +80,42 @@ def best_trial_errors(study, url: str) -> dict:
         return {r["row_id"]: float(r["error"]) for r in artifacts.read_predictions_csv(path)}
 
 
+def unused_rows(spec, n: int) -> list:
+    """`n` rows of the source (`spec`: a DataSpec) that no split took: the rows after them in data.load_splits'
+    seeded order, never trained on, validated on, or used to choose a trial. Not yet fitted to a token budget."""
+    import numpy as np
+
+    from tuner.data import _clean, _read_source
+
+    good, _ = _clean(_read_source(spec), spec, "")
+    taken = spec.train_rows + spec.val_rows + (0 if spec.test_split else spec.test_rows)
+    order = np.random.RandomState(spec.seed).permutation(len(good))
+    return [good[i] for i in order[taken:taken + n]]
+
+
+def held_out_rows(cfg, n: int) -> list:
+    """`unused_rows`, fitted to the budget the study's rows were fitted to (train.max_length: auto)."""
+    from tuner.batches import fit_rows
+    from tuner.prepare import prepare
+
+    ready = prepare(cfg)
+    model = next(iter(ready.resolved))
+    lengths = ready.max_lengths()
+    if not lengths:
+        raise SystemExit("--held-out needs the sweep's train.max_length: auto (the budget its rows were fitted to)")
+    return fit_rows(ready.tokenizers[model], unused_rows(cfg.data, n), lengths[model], cfg.data)[0]
+
+
+def held_out_errors(adapter: Path, rows: list) -> dict:
+    """A saved adapter's absolute error per row id on `rows`, read as its tuner.json says (the sweep's read-out)."""
+    from tuner import inference, models
+
+    predictor = inference.load(str(adapter))
+    values = [x.value for x in predictor.scorer.predict(predictor.model, [e.prompt for e in rows]).predictions]
+    models.release(predictor.base)
+    return {e.row_id: abs((v or 0.0) - e.price) for v, e in zip(values, rows)}
+
+
 def score_rows(scorer, model, adapter: str, rows: list) -> tuple[dict, dict]:
     """An adapter's price metrics on `rows` and its absolute error per row id (in the rows' order). As the metrics
     and tuner's predictions file score them: an answer that is not a number counts as 0."""
@@ -90,10 +126,10 @@ def score_rows(scorer, model, adapter: str, rows: list) -> tuple[dict, dict]:
     return metrics, {e.row_id: abs((x.value or 0.0) - e.price) for x, e in zip(res.predictions, rows)}
 
 
-def run_tuner(cfg_dict: dict, url: str, out_dir: Path) -> tuple[float, float, dict, dict]:
+def run_tuner(cfg_dict: dict, url: str, out_dir: Path) -> tuple[float, float, dict, dict, Path]:
     """tuner's default study, run by the `tuner` command of the Python running this bench (`tuner run`, exactly as a
     user runs it; from a fresh venv, the installed wheel). Returns (best test MAE, wall seconds, its baselines, the
-    best trial's error per test row)."""
+    best trial's error per test row, its adapter extracted from the study's artifact store)."""
     import optuna
 
     cfg_dict = copy.deepcopy(cfg_dict)
@@ -113,15 +149,21 @@ def run_tuner(cfg_dict: dict, url: str, out_dir: Path) -> tuple[float, float, di
     if res.returncode != 0:
         raise SystemExit(f"tuner run exited {res.returncode}; see {log}")
     study = optuna.load_study(study_name=cfg_dict["study"]["name"], storage=url)
-    return study.best_value, wall, study.user_attrs["baselines"], best_trial_errors(study, url)
+    from tuner import artifacts
+
+    store = artifacts.open_store(artifacts.location(url), create=False)
+    adapter = artifacts.extract_adapter(store, study.best_trial, out_dir / "best-adapter")
+    return study.best_value, wall, study.user_attrs["baselines"], best_trial_errors(study, url), Path(adapter)
 
 
-def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, int, dict]:
+def run_plain(cfg_dict: dict, url: str, budget_s: float, keep: Path) -> tuple[float | None, int, dict, Path | None]:
     """A plain Optuna loop: TPE over tuner's search space, each trial trained alone to its last step and scored on
     the test rows. No pruning, no co-training, no intermediate evaluation. Trials that end after `budget_s` do not
-    count. Returns (best test MAE within the budget, trials counted, that trial's error per test row)."""
+    count. Each trial's adapter is saved under `keep` (with its tuner.json, as tuner saves one). Returns (best test
+    MAE within the budget, trials counted, that trial's error per test row, its adapter folder)."""
     import optuna
 
+    from tuner import artifacts, lora
     from tuner.batches import encode
     from tuner.config import parse_config
     from tuner.loop import train_one
@@ -138,7 +180,7 @@ def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, 
     t0 = time.time()
     ready = prepare(cfg)
     bases: dict = {}
-    ended: list[tuple[float, float, dict]] = []  # (seconds since start, test MAE, error per test row)
+    ended: list[tuple[float, float, dict, Path]] = []  # (seconds since start, test MAE, error per test row, adapter)
 
     def objective(trial: optuna.Trial) -> float:
         p = sample(trial, cfg, ready.modules, ready.max_lengths())
@@ -155,11 +197,15 @@ def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, 
         def score(run):
             metrics, scores["errors"] = score_rows(ready.scorers[p.model], base.model, run.name, splits.test)
             scores.update(metrics)
+            # Saving takes a fraction of a second; tuner's study saves each trial's adapter too, on its clock.
+            folder = lora.save_adapter(run.adapter, keep / f"trial-{trial.number}", base.resolved.name,
+                                       base.resolved.revision)
+            artifacts.adapter_info(cfg, splits, p, base, "plain", trial.number).write(folder)
 
         with tempfile.TemporaryDirectory() as tmp:
             train_one(base, TrialRun(f"plain-{trial.number}", p, rows, Path(tmp), checkpoint_every=None),
                       on_done=score)
-        ended.append((time.time() - t0, scores["mae"], scores["errors"]))
+        ended.append((time.time() - t0, scores["mae"], scores["errors"], keep / f"trial-{trial.number}"))
         return scores["mae"]
 
     study = optuna.create_study(study_name="plain", storage=url, direction="minimize",
@@ -169,7 +215,7 @@ def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, 
         # A trial that cannot end within the budget would not count: stop rather than train it (same result, sooner).
         if not ended:
             return
-        ends = [at for at, _, _ in ended]
+        ends = [at for at, *_ in ended]
         longest = max(b - a for a, b in zip([0.0] + ends, ends))
         if time.time() - t0 + longest > budget_s:
             study.stop()
@@ -177,9 +223,9 @@ def run_plain(cfg_dict: dict, url: str, budget_s: float) -> tuple[float | None, 
     study.optimize(objective, timeout=budget_s, callbacks=[no_time_left])
     for key in list(bases):
         release(bases.pop(key))
-    within = [(mae, errors) for at, mae, errors in ended if at <= budget_s]
-    best = min(within, key=lambda x: x[0]) if within else (None, {})
-    return best[0], len(within), best[1]
+    within = [(mae, errors, folder) for at, mae, errors, folder in ended if at <= budget_s]
+    best = min(within, key=lambda x: x[0]) if within else (None, {}, None)
+    return best[0], len(within), best[1], best[2]
 
 
 def main() -> None:
@@ -190,6 +236,8 @@ def main() -> None:
                     "approaches (default: one draw at the sweep's 42 and 0). One trial's MAE moves by about 15 points "
                     "with the seed, more than the approaches differ, so judge by several")
     ap.add_argument("--seed", type=int, help="one seed (as --seeds with one)")
+    ap.add_argument("--held-out", type=int, default=300, help="also judge the two best adapters on this many rows "
+                    "that no split took (the test rows chose them; 0: skip)")
     ap.add_argument("--smoke", action="store_true", help="2 trials on a few rows: checks the bench runs, measures nothing")
     args = ap.parse_args()
     seeds: list[int | None] = ([int(x) for x in args.seeds.split(",")] if args.seeds else
@@ -209,8 +257,10 @@ def main() -> None:
                 cfg["study"].update(trials=2, timeout=None, deadline=None, pruner={"type": "none"})
                 cfg["data"].update(train_rows=16, val_rows=8, test_rows=8)
                 cfg["train"].update(eval_every=None, eval_rows=8, max_length_cap=96)
-            best, wall, base, best_errors = run_tuner(cfg, f"sqlite:///{work}/{tag}-tuner.db", work / f"{tag}-runs")
-            plain, counted, plain_errors = run_plain(cfg, f"sqlite:///{work}/{tag}-plain.db", wall)
+            best, wall, base, best_errors, best_adapter = run_tuner(cfg, f"sqlite:///{work}/{tag}-tuner.db",
+                                                                    work / f"{tag}-runs")
+            plain, counted, plain_errors, plain_adapter = run_plain(cfg, f"sqlite:///{work}/{tag}-plain.db", wall,
+                                                                    work / f"{tag}-plain-adapters")
             median, classical = base["median"]["mae"], base["classical"]["mae"]
             for label, value in (("tuner default", best), ("plain TPE", plain)):
                 emit({"bench": "quality", "source": source, "approach": label, "best_mae": value,
@@ -233,13 +283,36 @@ def main() -> None:
                   f"{best / classical:.0%} of the classical; plain TPE "
                   + ("no trial ended in time" if plain is None else f"{plain / median:.0%} and {plain / classical:.0%}")
                   + f" in {wall / 60:.1f} min each ({verdict}: {interval})", flush=True)
-            draws.append((best / median, None if plain is None else plain / median, verdict))
-        wins, losses = (sum(v == w for _, _, v in draws) for w in ("tuner lower", "plain TPE lower"))
-        plain_mean = [p for _, p, _ in draws if p is not None]
-        summary.append(f"{source}: tuner lower in {wins}, plain TPE lower in {losses}, a tie in "
-                       f"{len(draws) - wins - losses} of {len(draws)} draw{'s' * (len(draws) > 1)}; best MAE of "
-                       f"the median, mean: tuner {sum(t for t, _, _ in draws) / len(draws):.0%}, plain TPE "
-                       + (f"{sum(plain_mean) / len(plain_mean):.0%}" if plain_mean else "none ended"))
+            held = None
+            if args.held_out and plain_adapter is not None:
+                # The test rows chose each approach's best trial (as a study does), so they flatter both; rows that
+                # chose nothing judge them without that bias, and more rows narrow the interval. Outside the clock.
+                from tuner.config import parse_config
+
+                rows = held_out_rows(parse_config(cfg, "<bench quality>"), args.held_out)
+                t_err, p_err = held_out_errors(best_adapter, rows), held_out_errors(plain_adapter, rows)
+                t_mae, p_mae = (sum(e.values()) / len(e) for e in (t_err, p_err))
+                diff, low, high = paired_difference(t_err, p_err)
+                held = "tuner lower" if high < 0 else "plain TPE lower" if low > 0 else "a tie"
+                emit({"bench": "quality_held_out", "source": source, "rows": len(rows), "tuner_mae": round(t_mae, 2),
+                      "plain_mae": round(p_mae, 2), "diff": round(diff, 2), "low": round(low, 2),
+                      "high": round(high, 2), "seed": cfg["train"]["seed"]})
+                print(f"  the same two adapters on {len(rows)} held-out rows: tuner {dollars(t_mae)} "
+                      f"({t_mae / median:.0%} of the median), plain TPE {dollars(p_mae)} ({p_mae / median:.0%}): "
+                      f"{held} (tuner minus plain {dollars(diff)} a row, 95% interval {dollars(low)} to "
+                      f"{dollars(high)})", flush=True)
+            elif args.held_out:
+                held = "tuner lower"
+            draws.append((best / median, None if plain is None else plain / median, verdict, held))
+        wins, losses = (sum(d[2] == w for d in draws) for w in ("tuner lower", "plain TPE lower"))
+        plain_mean = [d[1] for d in draws if d[1] is not None]
+        line = (f"{source}: tuner lower in {wins}, plain TPE lower in {losses}, a tie in "
+                f"{len(draws) - wins - losses} of {len(draws)} draw{'s' * (len(draws) > 1)}")
+        if args.held_out:
+            h_wins, h_losses = (sum(d[3] == w for d in draws) for w in ("tuner lower", "plain TPE lower"))
+            line += f" (on held-out rows: {h_wins}, {h_losses}, {len(draws) - h_wins - h_losses})"
+        summary.append(line + f"; best MAE of the median, mean: tuner {sum(d[0] for d in draws) / len(draws):.0%}, "
+                       "plain TPE " + (f"{sum(plain_mean) / len(plain_mean):.0%}" if plain_mean else "none ended"))
     print(f"quality ({cpu_note()}): " + "; ".join(summary), flush=True)
 
 

@@ -35,13 +35,10 @@ def main() -> None:
     import optuna
     import yaml
 
-    from quality import dollars, paired_difference
+    from quality import dollars, paired_difference, unused_rows
     from tuner import artifacts, inference
-    import numpy as np
-
     from tuner.batches import fit_rows
     from tuner.config import parse_config
-    from tuner.data import _clean, _read_source
     from tuner.prepare import prepare
     from tuner.scoring import PriceScorer, price_metrics
 
@@ -60,13 +57,7 @@ def main() -> None:
         else:
             raise SystemExit(f"--readouts {item!r}: expected median:SAMPLES or branch:TOPKxPLACES")
     spec = cfg.data
-    extra = []
-    if args.extra:
-        # The rows after those the splits took, in the same seeded order (data.load_splits): never trained on.
-        good, _ = _clean(_read_source(spec), spec, "")
-        taken = spec.train_rows + spec.val_rows + (0 if spec.test_split else spec.test_rows)
-        order = np.random.RandomState(spec.seed).permutation(len(good))
-        extra = [good[i] for i in order[taken:taken + args.extra]]
+    extra = unused_rows(spec, args.extra) if args.extra else []
     only = {int(x) for x in args.trials.split(",")} if args.trials else None
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
         if only is not None and t.number not in only:
