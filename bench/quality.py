@@ -12,7 +12,9 @@ budget (its clock starts before it reads the data, as tuner's does), and only pl
 count. Both take their best trial by its test MAE, which is how a study's value is defined (see README, "What a
 trial is"). A draw's verdict is paired: the two best trials' absolute errors on the same test rows, their mean
 difference and its 95% bootstrap interval. Only an interval that excludes zero is a win; otherwise the draw is a tie
-(one trial's MAE on 100 rows moves by about a third with the rows drawn).
+(one trial's MAE on 100 rows moves by about a third with the rows drawn). The test rows also chose each side's best
+trial, which flatters both; `--held-out N` (300 by default) scores the two chosen adapters again on N rows that no
+split took, outside the clock, and gives that verdict too.
 
 What the plain loop does not get is what tuner's default adds to a bare Optuna study: the sweep's queued first trials
 (`study.enqueue`: the measured best settings, the learning rate moved to the data's number of steps) and pruning on
