@@ -125,5 +125,14 @@ def test_refusals(published, hub, tmp_path):
     plain.mkdir()
     (plain / "adapter_config.json").write_text("{}")
     _one_line_error(tuner(["predict", "--adapter", str(plain), "x"], tmp_path), "no tuner.json")
+    # A tuner.json is anyone's file: its scoring settings size the scorer's work and are checked before any load.
+    import shutil
+
+    tampered = Path(shutil.copytree(published["folder"], tmp_path / "tampered"))
+    info = json.loads((tampered / "tuner.json").read_text())
+    info["scoring"].update(method="branch", branch_top_k=1_000_000)
+    (tampered / "tuner.json").write_text(json.dumps(info))
+    _one_line_error(tuner(["predict", "--adapter", str(tampered), "x"], tmp_path),
+                    "tuner.json: scoring.branch_top_k: Input should be less than or equal to 10")
     _one_line_error(tuner(["predict", "--adapter", "no/such/thing", "x"], tmp_path), "no such folder")
     _one_line_error(tuner(["predict", "--adapter", str(plain)], tmp_path), "give a description or --file")
