@@ -612,6 +612,10 @@ class ScoringSpec(_Strict):
                                               f"(only `method: {method}` uses it)")
         return self
 
+    def method_settings(self) -> dict[str, Any]:
+        """The settings only this spec's method reads (median's samples, branch's top k and places)."""
+        return {key: getattr(self, key) for key, owner in _METHOD_SETTINGS if owner == self.method}
+
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "ScoringSpec":
         """A saved `scoring` record (an adapter's tuner.json, perhaps from the Hub) as a validated spec. Written by

@@ -156,10 +156,9 @@ def load(adapter: str, *, revision: str | None = None, base: str | None = None, 
         # peft asks transformers about gradient checkpointing through a name transformers has deprecated.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = PeftModel.from_pretrained(loaded.model, src.ref, **kwargs).eval()
-    s = info.scoring  # validated and completed with today's defaults by AdapterInfo
-    scorer = PriceScorer(loaded.tokenizer, max_price=info.max_price, batch_size=batch_size or s["batch_size"],
-                         method=s["method"], top_k=s["top_k"], samples=s["samples"],
-                         branch_top_k=s["branch_top_k"], branch_places=s["branch_places"])
+    # Validated and completed with today's defaults by AdapterInfo: ScoringSpec's fields, PriceScorer's arguments.
+    scorer = PriceScorer(loaded.tokenizer, max_price=info.max_price,
+                         **(info.scoring | {"batch_size": batch_size or info.scoring["batch_size"]}))
     # The scorer drives the transformers model directly (its cache argument is named per transformers version,
     # which PeftModel's generic forward hides); peft's LoRA layers live inside that model.
     return Predictor(src, info, loaded, peft_model.get_base_model(), scorer, note)

@@ -45,10 +45,8 @@ def prepare(cfg: SweepConfig) -> Prepared:
         where = f"model[{i}] {spec.key!r}" if not cfg.model.is_fixed else f"model {spec.key!r}"
         resolved, modules, tok = check_model(cfg, spec, where)
         out.resolved[spec.key], out.modules[spec.key], out.tokenizers[spec.key] = resolved, modules, tok
-        out.scorers[spec.key] = PriceScorer(tok, max_price=out.splits.max_price, batch_size=cfg.scoring.batch_size,
-                                            method=cfg.scoring.method, top_k=cfg.scoring.top_k,
-                                            samples=cfg.scoring.samples, branch_top_k=cfg.scoring.branch_top_k,
-                                            branch_places=cfg.scoring.branch_places)
+        # ScoringSpec's fields are PriceScorer's keyword arguments, one for one.
+        out.scorers[spec.key] = PriceScorer(tok, max_price=out.splits.max_price, **cfg.scoring.model_dump())
     resolve_auto(out)
     take_token_budget(out)
     fit_every_budget(out)

@@ -302,10 +302,7 @@ def space_signature(cfg: SweepConfig) -> dict:
         "train": {k: dim(getattr(t, k)) for k in TRAIN_SETTINGS if not later(t, k)}
         | {"seed": t.seed, "max_steps": t.max_steps},
         # How a price is read decides the objective's value. Greedy (the default) is absent: studies before it.
-        **({"scoring": {"method": cfg.scoring.method}
-            | ({"samples": cfg.scoring.samples} if cfg.scoring.method == "median" else {})
-            | ({"branch_top_k": cfg.scoring.branch_top_k, "branch_places": cfg.scoring.branch_places}
-               if cfg.scoring.method == "branch" else {})}
+        **({"scoring": {"method": cfg.scoring.method} | cfg.scoring.method_settings()}
            if cfg.scoring.method != "greedy" else {}),
     }
 
