@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import types
+import weakref
 from pathlib import Path
 
 import optuna
@@ -15,7 +17,7 @@ from conftest import tiny_sweep, trial_params, tuner_cmd
 from tuner import lora
 from tuner.space import TrialParams
 from tuner.batches import encode
-from tuner.loop import train_group, train_one
+from tuner.loop import Faults, GroupLoop, train_group, train_one
 from tuner.train import ExecutionPlan, TrialRun
 
 
@@ -160,6 +162,81 @@ def test_sized_steps_keep_the_math(base16, diamonds):
     train_one(base16, run, gradient_checkpointing=True)
     assert run.plan.gradient_checkpointing and run.plan.micro_batch == 2
     assert sized.by_run["x"] == pytest.approx(plain.by_run["x"], rel=1e-5)
+
+
+def test_checkpointing_an_oom_turned_on_leaves_nothing_on_the_cached_base(base16, diamonds):
+    """`gradient_checkpointing: auto` turns checkpointing on at the first out-of-memory error and off when the group
+    ends. The worker keeps the base for its next group, so nothing the switch added may stay on it: transformers'
+    enable hooks the embeddings (their output then requires grad) and its disable removes that hook only for a
+    peft-loaded model, which tuner's adapters are not."""
+    rows, _ = encode(base16.tokenizer, diamonds.train[:8], 182)
+    embeddings = base16.model.get_input_embeddings()
+    hooks = len(embeddings._forward_hooks)
+    for _ in range(2):  # a second group on the same base: no hook piles up either
+        run = TrialRun("ckpt", params(dropout=0.0), rows, Path("/unused"))
+        train_one(base16, run, gradient_checkpointing="auto", faults=Faults(oom_at_step=1))
+        assert run.status == "completed" and run.plan.gradient_checkpointing and run.plan.oom_events >= 1
+        assert not base16.model.is_activation_checkpointing
+        assert len(embeddings._forward_hooks) == hooks
+
+
+def test_an_oom_inside_the_forward_frees_the_failed_pass_before_the_retry(base16, diamonds, monkeypatch):
+    """An out-of-memory error raised deep in the forward: when the step is redone, the failed pass's activations
+    and dropout masks are garbage (held by the exception's traceback, they would take gigabytes on a GPU at K=16)."""
+    rows, _ = encode(base16.tokenizer, diamonds.train[:8], 182)
+    seen = {}
+
+    def fail_once(module, args, out):
+        if "activation" not in seen:
+            seen["activation"] = weakref.ref(out[0] if isinstance(out, tuple) else out)
+            raise torch.OutOfMemoryError("injected inside the forward")
+
+    clear = GroupLoop._clear_partial_steps
+
+    def cleared(self):
+        clear(self)
+        seen["alive"] = seen["activation"]() is not None
+        seen["masks"] = lora.router_of(self.model)._masks
+
+    monkeypatch.setattr(GroupLoop, "_clear_partial_steps", cleared)
+    hook = base16.model.model.layers[-1].register_forward_hook(fail_once)
+    try:
+        run = TrialRun("oom", params(dropout=0.1), rows, Path("/unused"))
+        train_one(base16, run, gradient_checkpointing=False)
+    finally:
+        hook.remove()
+    assert run.status == "completed" and run.plan.oom_events == 1 and run.plan.micro_batch == 2
+    assert seen["alive"] is False and seen["masks"] is None
+
+
+def test_a_trial_that_joins_after_a_halving_starts_at_the_halved_micro_batch(base16, diamonds):
+    """Room for 5 rows a pass: two trials of batch 4 run out of memory and both halve to 2. When one ends, the trial
+    that takes its place starts at 2 rows too; at its full 4 it would run out again, and the trial that had halved
+    once already would fail."""
+    rows, _ = encode(base16.tokenizer, diamonds.train[:16], 182)
+    first = [TrialRun("a", params(dropout=0.0, max_steps=2), rows, Path("/unused")),
+             TrialRun("b", params(dropout=0.0, max_steps=4), rows, Path("/unused"))]
+    queue = [TrialRun("c", params(dropout=0.0, max_steps=2), rows, Path("/unused"))]
+    seen = train_group(base16, first, supplier=lambda room: [queue.pop()] if queue and room else [], capacity=2,
+                       gradient_checkpointing=False, faults=Faults(oom_over_rows=5))
+    assert [(r.name, r.status, r.plan.micro_batch) for r in seen] == [("a", "completed", 2), ("b", "completed", 2),
+                                                                       ("c", "completed", 2)]
+    assert [r.plan.oom_events for r in seen] == [1, 1, 0]
+
+
+def test_a_run_that_left_its_group_keeps_no_copies(base16, diamonds):
+    """A refilling group holds every run it saw until it ends: what a run no longer needs once scored is dropped."""
+    rows, _ = encode(base16.tokenizer, diamonds.train[:8], 182)
+
+    class Evaluated(Losses):
+        def on_evaluate(self, run, step):
+            return types.SimpleNamespace(value=float(step), prune=False)
+
+    copies = []
+    run = TrialRun("x", params(dropout=0.0), rows, Path("/unused"), hooks=Evaluated(), eval_every=1)
+    train_one(base16, run, on_done=lambda r: copies.append(r._best_state is not None))
+    assert copies == [True]  # the best evaluation's copy, there while the run was scored
+    assert run._best_state is None and run._optimizer is None and not run.adapter.weights
 
 
 def test_reused_base_gives_a_fresh_processs_result(tmp_path):

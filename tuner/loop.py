@@ -90,11 +90,13 @@ def number_token_loss(logits: torch.Tensor, labels: torch.Tensor, table: torch.T
 class Faults:
     """Faults the loop injects into itself, for tests of the paths that handle them: the loss of step
     `nan_at_step` is made not finite, and the framework's own out-of-memory error is raised at step
-    `oom_at_step` (once per run, or on every attempt with `oom_always`). The default injects nothing."""
+    `oom_at_step` (once per run, or on every attempt with `oom_always`), or at any pass over more than
+    `oom_over_rows` rows (a device with room for that many). The default injects nothing."""
 
     nan_at_step: int | None = None
     oom_at_step: int | None = None
     oom_always: bool = False
+    oom_over_rows: int | None = None
 
     def loss(self, run: TrialRun, loss: float | None) -> float | None:
         return float("nan") if self.nan_at_step is not None and run.step + 1 == self.nan_at_step else loss
@@ -103,6 +105,11 @@ class Faults:
         if self.oom_at_step is not None and run.step + 1 == self.oom_at_step \
                 and (self.oom_always or run.plan.oom_halvings == 0):
             raise torch.OutOfMemoryError(f"injected out-of-memory at step {self.oom_at_step}")
+
+    def before_pass(self, rows: int) -> None:
+        if self.oom_over_rows is not None and rows > self.oom_over_rows:
+            raise torch.OutOfMemoryError(f"injected out-of-memory: {rows} rows in one pass, room for "
+                                         f"{self.oom_over_rows}")
 
 
 NO_FAULTS = Faults()
@@ -131,6 +138,9 @@ class GroupLoop:
         self._digits: torch.Tensor | None = None  # `digit_table`, made when a run first asks for the number loss
         self.active: list[TrialRun] = []
         self.seen: list[TrialRun] = []
+        # The micro-batch a halving brought the group to: a trial that joins later starts there, not at its full
+        # batch, or its first pass would run out of memory again and fail the trials halved already.
+        self.micro_cap: int | None = None
 
     # -- the loop ----------------------------------------------------------------------------------------------------
     def run(self, runs: list[TrialRun]) -> list[TrialRun]:
@@ -174,6 +184,9 @@ class GroupLoop:
             run.plan.attention = self.attention
             run.plan.dequantized_once = self.dequantized_once
             run.plan.cotrain_mode = "fused" if self.fused else "interleaved"
+            if self.micro_cap is not None and run.plan.micro_batch > self.micro_cap:
+                run.plan.micro_batch = self.micro_cap
+                run.begin_step()  # the current step's micro-batches again, at the cap
             if run.done:  # resumed from a checkpoint at the last step
                 self._complete(run)
                 continue
@@ -197,12 +210,17 @@ class GroupLoop:
         for run in self.active:
             run.plan.group_size = max(run.plan.group_size, len(self.active))
         parts = [(run, run.next_micro()) for run in self.active]
+        oom = None
         try:
             losses, elapsed = self._forward_backward_all(parts)
         except BaseException as exc:
             if not _is_oom(exc):
                 raise
-            self.handle_oom(exc)
+            # Only its text leaves this block: the exception's traceback holds the failed pass's frames and with them
+            # its activations and dropout masks, which must be freed before the retry (gigabytes at K=16 on a GPU).
+            oom = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if oom is not None:
+            self.handle_oom(oom)
             return
         stepping = []
         for (run, rows), loss, secs in zip(parts, losses, elapsed):
@@ -279,6 +297,7 @@ class GroupLoop:
         its summed token loss over its own rows divided by its step's completion tokens; a run whose loss is not
         finite is left out of the backward (None) so that it cannot touch anyone's gradients."""
         device = self.device
+        self.faults.before_pass(sum(len(rows) for _, rows in parts))
         batch = collate([(run.name, rows) for run, rows in parts], self.base.tokenizer.pad_token_id, device)
         width = batch.input_ids.shape[1]
         for (run, rows), (_, s, e, _) in zip(parts, batch.segments):
@@ -316,9 +335,10 @@ class GroupLoop:
         return [v if math.isfinite(v) else None for v in seg_sums.detach().tolist()]
 
     # -- out of memory, stopping, failing ----------------------------------------------------------------------------
-    def handle_oom(self, exc: BaseException) -> None:
+    def handle_oom(self, cause: str) -> None:
         """Redo the current step of every run, with gradient checkpointing on ("auto", first time) or with half the
-        micro-batch; a run that was already halved once, or is at one row, fails with reason `oom`."""
+        micro-batch; a run that was already halved once, or is at one row, fails with reason `oom`. `cause` is the
+        error's text (called after its except block, so the failed pass is garbage)."""
         self._clear_partial_steps()
         if self.auto_checkpointing and not self.checkpointing:
             self._set_checkpointing(True)
@@ -330,10 +350,10 @@ class GroupLoop:
         for run in list(self.active):
             if run.plan.oom_halvings >= 1 or run.plan.micro_batch <= 1:
                 self._fail(run, TrialFailure("oom", f"out of memory at step {run.step + 1} with micro-batch "
-                                                    f"{run.plan.micro_batch} ({type(exc).__name__}: "
-                                                    f"{str(exc)[:200]})"))
+                                                    f"{run.plan.micro_batch} ({cause})"))
                 continue
             run.plan.micro_batch = max(1, run.plan.micro_batch // 2)
+            self.micro_cap = min(self.micro_cap or run.plan.micro_batch, run.plan.micro_batch)
             run.plan.oom_halvings += 1
             run.plan.oom_events += 1
             run.restart_step()
@@ -342,6 +362,7 @@ class GroupLoop:
         for run in self.active:
             if run.adapter is not None and run.adapter.weights:
                 run.adapter.zero_grad()
+        lora.release_masks(self.model)  # the failed pass's dropout masks, which its backward never released
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -373,10 +394,14 @@ class GroupLoop:
 
     def _set_checkpointing(self, on: bool) -> None:
         # transformers 5 renamed gradient to activation checkpointing (the old names warn on every call)
-        if on:
+        if on and not self.model.is_activation_checkpointing:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif self.model.is_activation_checkpointing:
+        elif not on and self.model.is_activation_checkpointing:
             self.model.activation_checkpointing_disable()
+            # Enabling added a hook that makes the embeddings' output require grad; transformers removes it only for
+            # a peft-loaded model, which tuner's adapters are not. Left on the cached base it would outlive this
+            # group, and every later enable would add another.
+            self.model.disable_input_require_grads()
         self.checkpointing = on
 
 

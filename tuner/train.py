@@ -235,8 +235,10 @@ class TrialRun:
         return self._step_tokens
 
     def release(self) -> None:
-        """The run has left its group: its optimizer state is garbage."""
+        """The run has left its group: its optimizer state and its best adapter's copy are garbage (a refilling group
+        keeps every run it saw until it ends, and an 8B model's copy at r 32 is about 100 MB)."""
         self._optimizer = self._scheduler = None
+        self._best_state = None
 
     def next_micro(self) -> list[Encoded]:
         return [self.rows[i] for i in self._micro_batches[self._micro_index]]
