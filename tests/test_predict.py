@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,8 +127,6 @@ def test_refusals(published, hub, tmp_path):
     (plain / "adapter_config.json").write_text("{}")
     _one_line_error(tuner(["predict", "--adapter", str(plain), "x"], tmp_path), "no tuner.json")
     # A tuner.json is anyone's file: its scoring settings size the scorer's work and are checked before any load.
-    import shutil
-
     tampered = Path(shutil.copytree(published["folder"], tmp_path / "tampered"))
     info = json.loads((tampered / "tuner.json").read_text())
     info["scoring"].update(method="branch", branch_top_k=1_000_000)
