@@ -83,16 +83,31 @@ def best_trial_errors(study, url: str) -> dict:
 
 
 def unused_rows(spec, n: int) -> list:
-    """`n` rows of the source (`spec`: a DataSpec) that no split took: the rows after them in data.load_splits'
-    seeded order, never trained on, validated on, or used to choose a trial. Not yet fitted to a token budget."""
+    """`n` rows of the source (`spec`: a DataSpec) that no split took: the last `n` of data.load_splits' seeded
+    order, never trained on, validated on, or used to choose a trial. `study.extend` trains on the spare rows from
+    the front of that order (`Splits.spare`), so these are the rows it reaches last (`check_unseen`). Not yet fitted
+    to a token budget."""
     import numpy as np
 
     from tuner.data import _clean, _read_source
 
     good, _ = _clean(_read_source(spec), spec, "")
     taken = spec.train_rows + spec.val_rows + (0 if spec.test_split else spec.test_rows)
+    if len(good) - taken < n:
+        raise SystemExit(f"{spec.source}: {len(good) - taken} rows no split took, fewer than the {n} asked for")
     order = np.random.RandomState(spec.seed).permutation(len(good))
-    return [good[i] for i in order[taken:taken + n]]
+    return [good[i] for i in order[len(good) - n:]]
+
+
+def check_unseen(study, spec, n: int) -> None:
+    """The held-out rows were not trained on by tuner's `study.extend` trial (it takes spare rows from the front)."""
+    from tuner.data import load_splits
+
+    spare = len(load_splits(spec).spare)
+    for t in study.get_trials(deepcopy=False):
+        ext = t.user_attrs.get("extension")
+        if ext and ext["rows"] + ext.get("unfit", 0) > spare - n:
+            raise SystemExit(f"trial {t.number} (study.extend) trained on rows the held-out set holds")
 
 
 def held_out_rows(cfg, n: int) -> list:
@@ -256,7 +271,8 @@ def main() -> None:
             if seed is not None:
                 cfg["train"]["seed"] = cfg["study"]["sampler"]["seed"] = seed
             if args.smoke:
-                cfg["study"].update(trials=2, timeout=None, deadline=None, pruner={"type": "none"})
+                cfg["study"].update(trials=2, timeout=None, deadline=None, pruner={"type": "none"},
+                                    extend={"enabled": False})
                 cfg["data"].update(train_rows=16, val_rows=8, test_rows=8)
                 cfg["train"].update(eval_every=None, eval_rows=8, max_length_cap=96)
             best, wall, base, best_errors, best_adapter = run_tuner(cfg, f"sqlite:///{work}/{tag}-tuner.db",
@@ -289,9 +305,15 @@ def main() -> None:
             if args.held_out and plain_adapter is not None:
                 # The test rows chose each approach's best trial (as a study does), so they flatter both; rows that
                 # chose nothing judge them without that bias, and more rows narrow the interval. Outside the clock.
+                import optuna
+
                 from tuner.config import parse_config
 
-                rows = held_out_rows(parse_config(cfg, "<bench quality>"), args.held_out)
+                parsed = parse_config(cfg, "<bench quality>")
+                tuner_study = optuna.load_study(study_name=cfg["study"]["name"],
+                                                storage=f"sqlite:///{work}/{tag}-tuner.db")
+                check_unseen(tuner_study, parsed.data, args.held_out)
+                rows = held_out_rows(parsed, args.held_out)
                 t_err, p_err = held_out_errors(best_adapter, rows), held_out_errors(plain_adapter, rows)
                 t_mae, p_mae = (sum(e.values()) / len(e) for e in (t_err, p_err))
                 diff, low, high = paired_difference(t_err, p_err)

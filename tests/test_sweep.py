@@ -144,6 +144,8 @@ def test_default_sweep_is_the_measured_one():
     assert cfg.train.number_loss.value == 0.5
     # Prices read as the branch mean, 3 likeliest digits at each of the first 2 places (README, "Scoring").
     assert (cfg.scoring.method, cfg.scoring.branch_top_k, cfg.scoring.branch_places) == ("branch", 3, 2)
+    # The deadline's last minutes train the best trial further on new rows, at its own rate (README).
+    assert cfg.study.extend.enabled and cfg.study.extend.lr_ratio == 1.0
 
 
 def test_the_default_pruner_never_cuts_the_queued_trials_and_cuts_a_later_one_behind_them():

@@ -37,6 +37,8 @@ class Splits:
     source: str
     rows_read: int
     skipped: dict[str, int] = field(default_factory=dict)
+    # Usable rows that no split took, in the seeded order: what `study.extend` trains the best trial further on.
+    spare: list[Example] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def max_price(self) -> float:
@@ -212,4 +214,5 @@ def load_splits(spec: DataSpec) -> Splits:
     test = held_out if held_out is not None else picked[:n_test]
     val = picked[n_test: n_test + spec.val_rows]
     train = picked[n_test + spec.val_rows:]
-    return Splits(train=train, val=val, test=test, source=spec.source, rows_read=rows_read, skipped=skipped)
+    return Splits(train=train, val=val, test=test, source=spec.source, rows_read=rows_read, skipped=skipped,
+                  spare=[good[i] for i in order[need:]])

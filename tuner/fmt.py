@@ -86,6 +86,9 @@ def trial_note(t: FrozenTrial) -> str:
         notes.append(f"pruned at step {a.get('pruned_at_step', '?')}")
     if a.get("resumed_from_step"):
         notes.append(f"resumed from step {a['resumed_from_step']}")
+    if a.get("extends") is not None:
+        e = a.get("extension") or {}
+        notes.append(f"trial {a['extends']} +{e.get('steps', '?')} steps on {e.get('rows', '?')} new rows")
     if a.get("promoted"):
         notes.append("promoted")
     if a.get("overfit_epochs"):
@@ -103,7 +106,10 @@ def trial_row(t: FrozenTrial, best_number: int | None) -> dict:
     return {"number": t.number, "state": t.state.name, "best": t.number == best_number, "value": t.value,
             "model": p.get("model", a.get("model")), "model_sampled": "model" in p, "r": a.get("r"), "alpha": a.get("alpha"),
             "dropout": p.get("dropout", a.get("dropout")), "targets": a.get("target_set", p.get("target_modules")),
-            "bits": bits, "learning_rate": p.get("learning_rate", a.get("learning_rate")), "mae": a.get("mae"),
+            "bits": bits,
+            # An extension trains at its own rate (study.extend.lr_ratio), recorded on it; its params are its parent's.
+            "learning_rate": (a.get("learning_rate") if a.get("extends") is not None
+                              else p.get("learning_rate", a.get("learning_rate"))), "mae": a.get("mae"),
             "rmsle": a.get("rmsle"), "hit_rate": a.get("hit_rate"), "duration_s": trial_duration(t),
             "note": trial_note(t)}
 

@@ -114,7 +114,8 @@ def take_token_budget(ready: Prepared) -> None:
             f"a trial trains on the first {keep} of {n} train rows ({tokens:,} tokens, rows of up to {longest}); "
             f"the baselines fit the same {keep}"))
     ready.token_budget = {"train_tokens": limit, "rows": keep, "of": n, "tokens": tokens, "line": line}
-    ready.splits = replace(ready.splits, train=train[:keep])
+    # The rows held back stay first in line for `study.extend`, before the rows no split took.
+    ready.splits = replace(ready.splits, train=train[:keep], spare=train[keep:] + ready.splits.spare)
 
 
 def check_model(cfg: SweepConfig, spec: ModelSpec, where: str) -> tuple[models.ResolvedModel, set[str], object]:

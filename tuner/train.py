@@ -145,6 +145,9 @@ class TrialRun:
     # under the same name and output folder. None: any checkpoint there (tests, benches).
     owner: str | None = None
     overfit_drop: float = 0.15  # relative training-loss drop across an epoch boundary that flags memorisation
+    # The adapter to start from instead of peft's init (`study.extend`: the best trial's kept adapter); a checkpoint of
+    # this run's own, when it resumes, comes after it.
+    init_state: dict | None = field(default=None, repr=False)
     # state
     status: str = "pending"  # pending, running, completed, failed, pruned, interrupted
     error: Exception | None = None
@@ -195,6 +198,9 @@ class TrialRun:
                                                               p.loraplus_ratio)
         self._scheduler, self.warmup_steps = make_scheduler(p.scheduler, self._optimizer, self.total_steps,
                                                             p.warmup_ratio)
+        if self.init_state is not None:
+            self.adapter.load_state_dict(self.init_state)
+            self.init_state = None
         self._resume()
         self.status = "running"
         self.begin_step()

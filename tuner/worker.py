@@ -16,18 +16,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryFailedTrialCallback
 from optuna.trial import TrialState
 
-from . import artifacts, checkpoints, fmt, models, places
+from . import artifacts, checkpoints, fmt, lora, models, places
 from . import storage as store
 from .baselines import ensure_base_model, ensure_classical, ensure_median, record_fits
-from .batches import auto_reason, encode
+from .batches import auto_reason, encode, fit_rows
 from .config import MAX_TRIALS, SweepConfig, check_study_name
 from .errors import StoppedAtOnce, TunerError, one_line
 from .loop import NO_FAULTS, Faults, train_group
@@ -70,6 +71,7 @@ class Acquired:
     root_number: int  # the first trial of a retry chain: its folder holds the checkpoints
     retry_of: int | None
     params: TrialParams | None = None  # sampled once the trial is acquired
+    extension: "Extension | None" = None  # `study.extend`: what this trial trains further, and on which rows
 
 
 CPU_AUTO_COTRAIN = 2
@@ -197,6 +199,8 @@ class Worker:
             why = self._out_of_time()
             if why:
                 self.reporter.message(why)
+            if self.cfg.study.extend.enabled and not self.stopper.requested:
+                self._extend(report)
             report.interrupted = self.stopper.requested
         except BaseException as exc:
             left = self._give_back_held(exc)
@@ -252,11 +256,73 @@ class Worker:
         limit = self._timeout()
         if limit is not None and elapsed > limit:
             return f"timeout reached ({limit:.0f} s): no new trials"
-        deadline = self.opts.deadline if self.opts.deadline is not None else self.cfg.study.deadline
+        deadline = self._deadline()
         if deadline is None:
             return None
         ended = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         return deadline_reason(elapsed, deadline, trial_estimate(t for t in ended if t.number in self._mine))
+
+    def _deadline(self) -> float | None:
+        return self.opts.deadline if self.opts.deadline is not None else self.cfg.study.deadline
+
+    # -- the minutes the deadline leaves ------------------------------------------------------------------------
+    def _extend(self, report: WorkerReport) -> None:
+        """`study.extend`: once no whole trial fits before the deadline, train the best trial this worker ran
+        further, from its kept adapter, on train rows no trial has seen, for the steps the time left holds. It is
+        one more trial of the study (user attributes `extends` and `extension`), scored and kept like any other."""
+        ext, deadline = self.cfg.study.extend, self._deadline()
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.number in self._mine]
+        parents = [t for t in done if t.user_attrs.get("extends") is None]
+        if not parents or len(parents) < len(done):  # nothing to extend, or extended already
+            return
+        parent = (max if self.cfg.study.direction == "maximize" else min)(parents, key=lambda t: t.value)
+        params = sample(optuna.trial.FixedTrial(parent.params), self.cfg, self.ready.modules, self.ready.max_lengths())
+        left = deadline - (time.time() - self._t0)
+        plan = plan_extension(left, parent.user_attrs, len(self.ready.splits.test), len(self.ready.splits.spare),
+                              params.effective_batch, ext.min_steps)
+        if isinstance(plan, str):
+            self.reporter.message(f"study.extend: trial {parent.number} not trained further: {plan}")
+            return
+        if self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            self.reporter.message("study.extend: a trial is waiting (a retry or one queued by hand): it comes first")
+            return
+        steps = plan
+        tok = self.ready.tokenizers[params.model]
+        fitted, cuts, unfit = fit_rows(tok, self.ready.splits.spare[:steps * params.effective_batch],
+                                       params.max_length, self.cfg.data)
+        steps = len(fitted) // params.effective_batch  # a row that cannot fit at all is counted below, not trained
+        if steps < ext.min_steps:
+            self.reporter.message(f"study.extend: trial {parent.number} not trained further: {len(unfit)} new rows "
+                                  f"cannot fit {params.max_length} tokens, {steps} steps left")
+            return
+        rows, _ = encode(tok, fitted[:steps * params.effective_batch], params.max_length)
+        store_folder = self.out_root / f"extend-{parent.number:04d}"
+        adapter = artifacts.extract_adapter(artifacts.open_store(self.store_dir), parent, store_folder / "parent")
+        _, state = lora.load_adapter_state(adapter)
+        shutil.rmtree(store_folder, ignore_errors=True)
+        lr = parent.user_attrs.get("learning_rate", params.learning_rate) * ext.lr_ratio
+        record = {"of": parent.number, "steps": steps, "rows": len(rows), "learning_rate": lr,
+                  "cut": len(cuts), "unfit": len(unfit), "seconds_left": round(left, 1)}
+        self.study.enqueue_trial(parent.params, user_attrs={"extends": parent.number, "extension": record},
+                                 skip_if_exists=False)
+        with contextlib.ExitStack() as self._beats:
+            got = self._next()
+            if got is None or got.trial.user_attrs.get("extends") != parent.number:  # not ours: handed back at exit
+                if got is not None:
+                    self._pending = got
+                return
+            got.params = replace(got.params, learning_rate=lr, max_steps=steps)
+            got.trial.set_user_attr("learning_rate", lr)
+            got.extension = Extension(parent.number, rows, state)
+            self.reporter.message(f"study.extend: {fmt.secs(left)} left: trial {parent.number} (MAE "
+                                  f"{parent.value:,.2f}) trained {steps} more steps on {len(rows)} train rows no trial "
+                                  f"has seen, at lr {lr:.3g}, as trial {got.trial.number}")
+            self._beats.enter_context(self.heartbeat.beating(trial_id(got.trial)))
+            for number, state_ in self._run_group(got).items():
+                report.ran.append(number)
+                report.states[number] = state_
+                self._held.pop(number, None)
 
     # -- acquiring trials ---------------------------------------------------------------------------------------
     def _next(self) -> Acquired | None:
@@ -401,7 +467,8 @@ class Worker:
         trial.set_user_attr("quantization", models.describe_quantization(params.quant_bits, base.dtype))
         splits, fit = self.ready.fitted(params.model, params.max_length)
         trial.set_user_attr("fit", fit.summary())
-        rows, too_long = self._rows_for(params.model, params.max_length)
+        rows, too_long = (got.extension.rows, 0) if got.extension else self._rows_for(params.model,
+                                                                                       params.max_length)
         if too_long:  # fitting cut every description to the budget: a row left too long is a bug, said loudly
             trial.set_user_attr("rows_too_long", too_long)
             self.reporter.warning(f"trial {trial.number}: {too_long} fitted rows are still longer than "
@@ -414,7 +481,10 @@ class Worker:
                                hand_back=functools.partial(self._hand_back, got))
         return TrialRun(name=f"trial-{trial.number}", params=params, rows=rows,
                         run_dir=self.out_root / f"trial-{got.root_number:04d}", hooks=outcome,
-                        eval_every=self.cfg.train.eval_every, checkpoint_every=self.cfg.train.checkpoint_every,
+                        # An extension is not compared at a step with trials that started from scratch: no pruning.
+                        eval_every=None if got.extension else self.cfg.train.eval_every,
+                        init_state=got.extension.state if got.extension else None,
+                        checkpoint_every=self.cfg.train.checkpoint_every,
                         keep_checkpoints=self.cfg.train.keep_checkpoints, overfit_drop=self.cfg.train.overfit_drop,
                         maximize=self.cfg.study.direction == "maximize", owner=self._checkpoint_owner(got))
 
@@ -517,3 +587,30 @@ def deadline_reason(elapsed: float, deadline: float, took: float | None) -> str 
                 f"{fmt.secs(took)} here: no new trials")
     return None
 
+
+
+@dataclass
+class Extension:
+    parent: int  # the trial trained further
+    rows: list  # its new rows, encoded
+    state: dict  # its kept adapter's weights, where training starts
+
+
+def plan_extension(left: float, parent: dict, test_rows: int, spare_rows: int, batch: int,
+                   min_steps: int) -> int | str:
+    """Steps of `study.extend` that fit in `left` seconds, from the parent trial's own timings (its seconds per step,
+    and its test scoring at its rows per second), with a margin for saving it (10 s and 5% of the time left); capped
+    by the spare rows in whole batches. A string says why there is no room."""
+    ran = (parent.get("steps") or 0) - (parent.get("resumed_from_step") or 0)
+    if ran <= 0 or not parent.get("train_seconds") or not parent.get("score_rows_per_s"):
+        return "its timings are not recorded"
+    per_step = parent["train_seconds"] / ran
+    scoring = test_rows / parent["score_rows_per_s"]
+    steps = int((left - scoring - 10 - 0.05 * left) // per_step)
+    by_rows = spare_rows // batch
+    if by_rows < min_steps:
+        return f"{spare_rows} train rows no trial has seen, {by_rows} steps (study.extend.min_steps {min_steps})"
+    if steps < min_steps:
+        return (f"{fmt.secs(max(left, 0))} left holds {max(steps, 0)} steps of {per_step:.2f} s and the test scoring "
+                f"({fmt.secs(scoring)}) (study.extend.min_steps {min_steps})")
+    return min(steps, by_rows)
