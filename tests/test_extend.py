@@ -20,13 +20,13 @@ PARENT = {"steps": 250, "train_seconds": 250.0, "score_rows_per_s": 2.0}  # 1 s 
 
 
 def test_the_plan_fits_the_time_left_after_the_test_scoring_and_a_margin():
-    # 300 s left: 50 s of scoring, 10 s and 5% (15 s) of margin, 225 steps of 1 s.
-    assert plan_extension(300.0, PARENT, 100, 10_000, 4, 25) == 225
+    # 300 s left: 55 s of scoring (50 s and a tenth), 15 s and 10% (30 s) of margin, 200 steps of 1 s.
+    assert plan_extension(300.0, PARENT, 100, 10_000, 4, 25) == 200
     assert plan_extension(300.0, PARENT, 100, 400, 4, 25) == 100  # the spare rows, in whole batches
     # A resumed parent's seconds are those of the steps it ran.
     resumed = {**PARENT, "resumed_from_step": 125, "train_seconds": 125.0}
-    assert plan_extension(300.0, resumed, 100, 10_000, 4, 25) == 225
-    assert plan_extension(80.0, PARENT, 100, 10_000, 4, 25) == ("1m20s left holds 16 steps of 1.00 s and the test "
+    assert plan_extension(300.0, resumed, 100, 10_000, 4, 25) == 200
+    assert plan_extension(80.0, PARENT, 100, 10_000, 4, 25) == ("1m20s left holds 1 steps of 1.00 s and the test "
                                                                  "scoring (0m50s) (study.extend.min_steps 25)")
     assert plan_extension(10.0, PARENT, 100, 10_000, 4, 25).startswith("0m10s left holds 0 steps")
     assert plan_extension(300.0, PARENT, 100, 90, 4, 25) == ("90 train rows no trial has seen, 22 steps "
@@ -92,6 +92,10 @@ def test_the_best_trial_is_trained_further_on_rows_no_trial_has_seen(tmp_path, d
     assert "study.extend: " in out and "trial 0 (MAE" in out and "trained 3 more steps on 12 train rows" in out
     status = tuner(["status", "ext", "--storage", url], tmp_path)
     assert "trial 0 +3 steps on 12 new rows" in status.stdout, status.stdout
+    # Its value is not its settings': parameter importances leave it out.
+    from tuner.report import importances
+
+    assert importances(study).trials == 1
     # The tuner.json beside its adapter says what it trained at.
     from tuner import artifacts
 
@@ -101,3 +105,10 @@ def test_the_best_trial_is_trained_further_on_rows_no_trial_has_seen(tmp_path, d
 
     info = json.loads((Path(folder) / "tuner.json").read_text())
     assert info["params"]["max_steps"] == 3 and info["params"]["learning_rate"] == pytest.approx(a["learning_rate"])
+
+    # An extension interrupted and queued again is not trained from scratch under its name: it fails, said so.
+    study.enqueue_trial(parent.params, user_attrs={"extends": 0, "extension": a["extension"]})
+    again = tuner(["run", str(sweep), "--storage", url, "--trials", "2"], tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    last = optuna.load_study(study_name="ext", storage=url).get_trials()[-1]
+    assert last.state == optuna.trial.TrialState.FAIL and last.user_attrs["fail_reason"] == "not_retried"

@@ -80,16 +80,28 @@ def baseline_rows(study: optuna.Study) -> list[dict]:
 
 
 def importances(study: optuna.Study) -> Importances:
-    """Optuna's default evaluator over the COMPLETE trials; with fewer than two there is nothing to compare."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    """Optuna's default evaluator over the COMPLETE trials; with fewer than two there is nothing to compare. A
+    `study.extend` trial is left out: its value is its parent's settings trained on more rows, not those settings'."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get("extends") is None]
     evaluator = optuna.importance.PedAnovaImportanceEvaluator()
     name = type(evaluator).__name__
     if len(complete) < 2:
-        return Importances({}, len(complete), name, f"needs at least 2 COMPLETE trials, the study has {len(complete)}")
+        return Importances({}, len(complete), name, f"needs at least 2 COMPLETE trials, the study has {len(complete)}"
+                           + (" besides its study.extend trials" if any(t.user_attrs.get("extends") is not None
+                                                                         for t in study.get_trials(deepcopy=False))
+                              else ""))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+            level = optuna.logging.get_verbosity()  # no "A new study created in memory" line in the report
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            try:
+                view = optuna.create_study(directions=study.directions)
+            finally:
+                optuna.logging.set_verbosity(level)
+            view.add_trials(complete)
+            values = optuna.importance.get_param_importances(view, evaluator=evaluator)
     except (ValueError, RuntimeError) as exc:
         return Importances({}, len(complete), name, f"not computed: {exc}")
     note = "few trials: treat these as a hint, not a finding" if len(complete) < 10 else ""
