@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Protocol
 
@@ -87,14 +88,27 @@ class Stopper:
             self._deferred = False
             raise KeyboardInterrupt
 
+    def _unraisable(self, info) -> None:
+        """A second signal's KeyboardInterrupt that lands in a finalizer (a weakref callback while the garbage
+        collector runs: seen in SQLAlchemy's class registry) cannot stop anything there; Python would print it as a
+        traceback and go on. It is remembered instead, and raised when the next shielded block ends."""
+        if isinstance(info.exc_value, KeyboardInterrupt) and self.requested:
+            self._deferred = True
+            return
+        self._old_unraisable(info)
+
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
+            self._old_unraisable = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
 
     def uninstall(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self._old:
+            sys.unraisablehook = self._old_unraisable
         self._old.clear()
 
 
