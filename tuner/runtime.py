@@ -60,6 +60,11 @@ class Stopper:
         self._deferred = False
 
     def __call__(self) -> bool:
+        """Whether a stop was asked (the training loop asks before every tick). A second signal that a finalizer
+        swallowed (`_unraisable`) is raised here, outside any shielded block: as if it had landed here."""
+        if self._deferred and not self._shields:
+            self._deferred = False
+            raise KeyboardInterrupt
         return self.requested
 
     def _handle(self, signum, frame):
@@ -91,7 +96,8 @@ class Stopper:
     def _unraisable(self, info) -> None:
         """A second signal's KeyboardInterrupt that lands in a finalizer (a weakref callback while the garbage
         collector runs: seen in SQLAlchemy's class registry) cannot stop anything there; Python would print it as a
-        traceback and go on. It is remembered instead, and raised when the next shielded block ends."""
+        traceback and go on. It is remembered instead, and raised at the loop's next check (`__call__`) or when the
+        next shielded block ends, whichever comes first."""
         if isinstance(info.exc_value, KeyboardInterrupt) and self.requested:
             self._deferred = True
             return

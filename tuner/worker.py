@@ -320,9 +320,12 @@ class Worker:
             got.params = replace(got.params, learning_rate=lr, max_steps=steps)
             got.trial.set_user_attr("learning_rate", lr)
             got.extension = Extension(parent.number, rows, state)
-            self.reporter.message(f"study.extend: {fmt.secs(left)} left: trial {parent.number} (MAE "
-                                  f"{parent.value:,.2f}) trained {steps} more steps on {len(rows)} train rows no trial "
-                                  f"has seen, at lr {lr:.3g}, as trial {got.trial.number}")
+            objective = self.cfg.study.objective
+            self.reporter.message(f"study.extend: {fmt.secs(left)} left: trial {parent.number} "
+                                  f"({objective.upper() if objective != 'hit_rate' else 'hit rate'} "
+                                  f"{fmt.objective_value(objective, parent.value)}) trained {steps} more steps on "
+                                  f"{len(rows)} train rows no trial has seen, at lr {lr:.3g}, as trial "
+                                  f"{got.trial.number}")
             self._beats.enter_context(self.heartbeat.beating(trial_id(got.trial)))
             for number, state_ in self._run_group(got).items():
                 report.ran.append(number)
