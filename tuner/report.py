@@ -82,15 +82,13 @@ def baseline_rows(study: optuna.Study) -> list[dict]:
 def importances(study: optuna.Study) -> Importances:
     """Optuna's default evaluator over the COMPLETE trials; with fewer than two there is nothing to compare. A
     `study.extend` trial is left out: its value is its parent's settings trained on more rows, not those settings'."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.user_attrs.get("extends") is None]
+    ended = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [t for t in ended if t.user_attrs.get("extends") is None]
     evaluator = optuna.importance.PedAnovaImportanceEvaluator()
     name = type(evaluator).__name__
     if len(complete) < 2:
         return Importances({}, len(complete), name, f"needs at least 2 COMPLETE trials, the study has {len(complete)}"
-                           + (" besides its study.extend trials" if any(t.user_attrs.get("extends") is not None
-                                                                         for t in study.get_trials(deepcopy=False))
-                              else ""))
+                           + (" besides its study.extend trials" if len(ended) > len(complete) else ""))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

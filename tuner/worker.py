@@ -16,10 +16,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback as RetryFailedTrialCallback
@@ -193,10 +194,7 @@ class Worker:
                             continue
                         break
                     self._beats.enter_context(self.heartbeat.beating(trial_id(first.trial)))
-                    for number, state in self._run_group(first).items():
-                        report.ran.append(number)
-                        report.states[number] = state
-                        self._held.pop(number, None)  # told or handed back by its outcome (or said it could not)
+                    self._record(report, self._run_group(first))
             why = self._out_of_time()
             if why:
                 self.reporter.message(why)
@@ -298,10 +296,9 @@ class Worker:
                                   f"cannot fit {params.max_length} tokens, {steps} steps left")
             return
         rows, _ = encode(tok, fitted[:steps * params.effective_batch], params.max_length)
-        store_folder = self.out_root / f"extend-{parent.number:04d}"
-        adapter = artifacts.extract_adapter(artifacts.open_store(self.store_dir), parent, store_folder / "parent")
-        _, state = lora.load_adapter_state(adapter)
-        shutil.rmtree(store_folder, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="tuner-extend-") as tmp:
+            adapter = artifacts.extract_adapter(artifacts.open_store(self.store_dir), parent, Path(tmp) / "parent")
+            _, state = lora.load_adapter_state(adapter)
         lr = parent.user_attrs.get("learning_rate", params.learning_rate) * ext.lr_ratio
         record = {"of": parent.number, "steps": steps, "rows": len(rows), "learning_rate": lr,
                   "cut": len(cuts), "unfit": len(unfit), "seconds_left": round(left, 1)}
@@ -327,10 +324,13 @@ class Worker:
                                   f"{len(rows)} train rows no trial has seen, at lr {lr:.3g}, as trial "
                                   f"{got.trial.number}")
             self._beats.enter_context(self.heartbeat.beating(trial_id(got.trial)))
-            for number, state_ in self._run_group(got).items():
-                report.ran.append(number)
-                report.states[number] = state_
-                self._held.pop(number, None)
+            self._record(report, self._run_group(got))
+
+    def _record(self, report: WorkerReport, states: dict[int, str]) -> None:
+        for number, state in states.items():
+            report.ran.append(number)
+            report.states[number] = state
+            self._held.pop(number, None)  # told or handed back by its outcome (or said it could not)
 
     # -- acquiring trials ---------------------------------------------------------------------------------------
     def _next(self) -> Acquired | None:
